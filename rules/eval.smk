@@ -1,0 +1,35 @@
+# Evaluation: CLIP zero-shot baselines (paper §3.3) read from the question shards.
+
+
+rule eval_clip:
+    input:
+        shards="shards/questions/{benchmark}",
+        classes="data/{benchmark}/classes.json",
+        clip="models/clip/{clip}",
+    output:
+        predictions="results/predictions/clip-{clip}/{benchmark}.parquet",
+        metrics="results/metrics/clip-{clip}/{benchmark}.json",
+    log:
+        "logs/eval_clip/{clip}/{benchmark}.log",
+    benchmark:
+        "benchmarks/eval_clip/{clip}/{benchmark}.tsv"
+    conda:
+        "../envs/fgvlm.yaml"
+    resources:
+        **rule_resources("eval_clip"),
+    params:
+        spec=lambda wc: fc.clip_eval_spec(config, wc.clip),
+        metric=lambda wc: fc.metric_of(config, wc.benchmark),
+        batch_size=config["clip_eval"].get("batch_size", 64),
+        device=DEVICE,
+    script:
+        "../workflow/scripts/eval_clip.py"
+
+
+rule all_clip:
+    input:
+        expand(
+            "results/metrics/clip-{clip}/{benchmark}.json",
+            clip=config["clip_eval"]["models"],
+            benchmark=BENCHMARKS,
+        ),

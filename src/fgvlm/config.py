@@ -1,0 +1,305 @@
+"""The study configuration: load, validate, and expand it into the jobs of the DAG.
+
+A config is plain data (see ``config/config.yaml``). ``validate`` checks it against the JSON schema
+and then checks every cross-reference, so that a typo fails before any job starts, with the key
+path in the message. The ``*_of`` helpers return exactly the config subtree one job depends on:
+rules pass them as ``params`` so that Snakemake reruns only what a change invalidates.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_RESOURCE = "config.schema.yaml"
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# Ablation rows whose data is the base VLM's own (released Qwen2-VL, say) say so with these words.
+NO_DATA = ("none", "builtin")
+ARCH_LABELS = {"llava": "LLaVA", "qwen2_vl": "Qwen2-VL"}
+
+
+class ConfigError(ValueError):
+    """A config value is missing, malformed or refers to something undefined."""
+
+
+def load_schema() -> dict:
+    """The JSON schema of the study config (shipped inside the package)."""
+    text = resources.files("fgvlm.resources").joinpath(SCHEMA_RESOURCE).read_text()
+    return yaml.safe_load(text)
+
+
+def load_config(path: str | Path) -> dict:
+    """Read a YAML study config and validate it; errors name the file and the key path."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    try:
+        return validate(config)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+
+
+def _key_path(parts: Iterable[Any]) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<top level>"
+
+
+def validate(config: Any) -> dict:
+    """Validate ``config`` (schema, then cross-references); return it with schema defaults filled."""
+    if not isinstance(config, dict):
+        raise ConfigError("the config must be a mapping at the top level")
+    config = copy.deepcopy(config)
+    validator = jsonschema.Draft202012Validator(load_schema())
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        # oneOf failures are unreadable as-is: report the branch that matched the 'type' field.
+        err = _oneof_branch_error(errors[0])
+        raise ConfigError(f"{_key_path(err.absolute_path)}: {err.message}")
+    _check_references(config)
+    return config
+
+
+def _oneof_branch_error(err: jsonschema.ValidationError) -> jsonschema.ValidationError:
+    """For a failed ``oneOf`` on an object with a ``type`` field, the error of that type's branch."""
+    if err.validator != "oneOf" or not isinstance(err.instance, dict):
+        return err
+    wanted = err.instance.get("type")
+    branches = err.validator_value
+    types = [b.get("properties", {}).get("type", {}).get("const") for b in branches]
+    if wanted not in types:
+        known = [t for t in types if t]
+        return jsonschema.ValidationError(
+            f"unknown type {wanted!r}; expected one of {known}", path=err.absolute_path
+        )
+    for sub in err.context or []:
+        if sub.schema_path[0] == types.index(wanted):
+            return sub
+    return err
+
+
+def _require(value: str, table: dict | None, table_name: str, where: str) -> None:
+    if value not in (table or {}):
+        known = ", ".join(sorted(table or {})) or "none defined"
+        raise ConfigError(f"{where}: {value!r} is not defined in {table_name} (known: {known})")
+
+
+def _check_references(config: dict) -> None:
+    clips = config["clip_models"]
+    _require(config["miner"]["clip"], clips, "clip_models", "miner.clip")
+    for i, name in enumerate(config["clip_eval"]["models"]):
+        _require(name, clips, "clip_models", f"clip_eval.models[{i}]")
+    for name, bench in config["benchmarks"].items():
+        source = bench["source"]
+        if source["type"] == "synthetic":
+            _require(
+                source["world"],
+                config.get("synthetic_worlds"),
+                "synthetic_worlds",
+                f"benchmarks.{name}.source.world",
+            )
+        if "classnames" in bench:
+            _require(
+                bench["classnames"], _classname_tables(), "classnames.json", f"benchmarks.{name}"
+            )
+    for name, enc in (config.get("encoders") or {}).items():
+        _require(enc["clip"], clips, "clip_models", f"encoders.{name}.clip")
+    for name, vlm in (config.get("hub_vlms") or {}).items():
+        if "clip" in vlm:
+            _require(vlm["clip"], clips, "clip_models", f"hub_vlms.{name}.clip")
+    _check_ablations(config)
+
+
+def _check_ablations(config: dict) -> None:
+    seen: set[str] = set()
+    recipes = config.get("recipes") or {}
+    for i, row in enumerate(config.get("ablations") or []):
+        where = f"ablations[{i}] ({row['name']})"
+        if row["name"] in seen:
+            raise ConfigError(f"{where}: duplicate ablation name {row['name']!r}")
+        seen.add(row["name"])
+        _require(
+            row["vision_encoder"], config.get("encoders"), "encoders", f"{where}.vision_encoder"
+        )
+        _require(row["llm"], config.get("llms"), "llms", f"{where}.llm")
+        if "hub" in row:
+            _require(row["hub"], config.get("hub_vlms"), "hub_vlms", f"{where}.hub")
+            continue
+        if row["arch"] == "qwen2_vl":
+            if "base" not in row:
+                raise ConfigError(f"{where}: a trained qwen2_vl row needs 'base' (a base_vlms key)")
+            _require(row["base"], config.get("base_vlms"), "base_vlms", f"{where}.base")
+        for field, stage in (("pt_data", "pretrain"), ("ft_data", "finetune")):
+            value = row[field]
+            if value in NO_DATA:
+                continue
+            _require(value, config.get("train_data"), "train_data", f"{where}.{field}")
+            if config["train_data"][value]["stage"] != stage:
+                declared = config["train_data"][value]["stage"]
+                raise ConfigError(
+                    f"{where}.{field}: {value!r} is {declared} data, not {stage} data"
+                )
+        if row["ft_data"] in NO_DATA:
+            raise ConfigError(f"{where}.ft_data: a trained row needs finetuning data")
+        for stage in ("pretrain", "finetune"):
+            name = recipe_name(row, stage)
+            if name is not None:
+                _require(name, recipes, "recipes", f"{where} ({stage} recipe)")
+            for key in (row.get("recipes") or {}).get(stage, {}):
+                if (
+                    key
+                    not in load_schema()["properties"]["recipes"]["additionalProperties"][
+                        "properties"
+                    ]
+                ):
+                    raise ConfigError(f"{where}.recipes.{stage}: unknown recipe field {key!r}")
+
+
+def _classname_tables() -> dict:
+    text = resources.files("fgvlm.resources").joinpath("classnames.json").read_text()
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+# --- expansion: which jobs exist, and what each depends on -------------------------------------
+
+
+def device_of(config: dict) -> str:
+    """The torch device jobs should use ('auto' resolves at run time)."""
+    choice = config.get("device", "auto")
+    if choice != "auto":
+        return choice
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def benchmark_names(config: dict) -> list[str]:
+    return list(config["benchmarks"])
+
+
+def clip_model_names(config: dict) -> list[str]:
+    """Every CLIP model some job needs: the miner's, the baselines' and the encoders'."""
+    names = [config["miner"]["clip"], *config["clip_eval"]["models"]]
+    names += [enc["clip"] for enc in (config.get("encoders") or {}).values()]
+    return list(dict.fromkeys(names))
+
+
+def synthetic_world_names(config: dict) -> list[str]:
+    return list(config.get("synthetic_worlds") or {})
+
+
+def benchmark_spec(config: dict, name: str) -> dict:
+    """The config subtree the manifest of benchmark ``name`` depends on (its source and classes)."""
+    bench = config["benchmarks"][name]
+    spec = {"source": bench["source"]}
+    if "classnames" in bench:
+        spec["classnames"] = bench["classnames"]
+    if bench["source"]["type"] == "synthetic":
+        spec["world"] = config["synthetic_worlds"][bench["source"]["world"]]
+    return spec
+
+
+def miner_spec(config: dict) -> dict:
+    """What mining depends on: the miner block and its CLIP model's definition."""
+    miner = config["miner"]
+    return {
+        "clip": miner["clip"],
+        "clip_source": config["clip_models"][miner["clip"]]["source"],
+        "templates": list(miner["templates"]),
+        "negatives": miner["negatives"],
+        "seed": miner["seed"],
+    }
+
+
+def clip_eval_spec(config: dict, model: str) -> dict:
+    """What one CLIP baseline evaluation depends on."""
+    return {
+        "clip_source": config["clip_models"][model]["source"],
+        "templates": list(config["clip_eval"]["templates"]),
+    }
+
+
+def metric_of(config: dict, benchmark: str) -> str:
+    return config["benchmarks"][benchmark]["metric"]
+
+
+def recipe_name(row: dict, stage: str) -> str | None:
+    """The recipe a trained ablation row uses for ``stage`` (None: the row skips that stage)."""
+    if stage == "pretrain":
+        if row["pt_data"] in NO_DATA:
+            return None
+        return "pretrain_full" if row["updating"] == "full" else "pretrain_connector"
+    return "finetune_llm_only" if row["arch"] == "qwen2_vl" else "finetune"
+
+
+def trained_rows(config: dict) -> list[dict]:
+    return [row for row in config.get("ablations") or [] if "hub" not in row]
+
+
+def pretrain_spec(config: dict, row: dict) -> dict | None:
+    """Everything a row's pretraining depends on; rows with equal specs share one pretraining."""
+    name = recipe_name(row, "pretrain")
+    if name is None:
+        return None
+    recipe = {**config["recipes"][name], **(row.get("recipes") or {}).get("pretrain", {})}
+    return {
+        "encoder": row["vision_encoder"],
+        "llm": row["llm"],
+        "data": row["pt_data"],
+        "recipe": recipe,
+        "seed": row.get("seed", config["seed"]),
+    }
+
+
+def pretrain_key(spec: dict, default_seed: int) -> str:
+    """A readable, stable name for a pretraining job: encoder__llm__data__updating[__seedN]."""
+    key = f"{spec['encoder']}__{spec['llm']}__{spec['data']}__{spec['recipe']['updating']}"
+    return key if spec["seed"] == default_seed else f"{key}__seed{spec['seed']}"
+
+
+def pretrain_jobs(config: dict) -> dict[str, dict]:
+    """Distinct pretraining jobs, keyed by pretrain_key; rows sharing a spec share the job."""
+    jobs: dict[str, dict] = {}
+    for row in trained_rows(config):
+        spec = pretrain_spec(config, row)
+        if spec is None:
+            continue
+        key = pretrain_key(spec, config["seed"])
+        if key in jobs and jobs[key] != spec:
+            raise ConfigError(f"ablations: rows share pretraining {key!r} with different recipes")
+        jobs[key] = spec
+    return jobs
+
+
+def factor_labels(config: dict, row: dict) -> dict[str, str]:
+    """The row's factors as the paper's tables print them."""
+
+    def data_label(value: str) -> str:
+        if value == "none":
+            return "None"
+        if value == "builtin":
+            return ARCH_LABELS[row["arch"]]
+        return config["train_data"][value].get("label", value)
+
+    return {
+        "vision_encoder": config["encoders"][row["vision_encoder"]].get(
+            "label", row["vision_encoder"]
+        ),
+        "llm": config["llms"][row["llm"]].get("label", row["llm"]),
+        "arch": ARCH_LABELS[row["arch"]],
+        "pt_data": data_label(row["pt_data"]),
+        "ft_data": data_label(row["ft_data"]),
+        "updating": row["updating"].capitalize(),
+    }

@@ -1,0 +1,19 @@
+"""Logging setup shared by the CLI and the workflow's scripts."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+
+def setup(log_files: Sequence[str] = ()) -> None:
+    """Log at INFO to stderr, or append stderr (tqdm bars included) to the first of ``log_files``."""
+    if log_files:
+        sys.stderr = open(log_files[0], "a", buffering=1)  # noqa: SIM115 (lives as long as the job)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        force=True,
+    )

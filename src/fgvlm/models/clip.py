@@ -1,0 +1,319 @@
+"""CLIP models as self-contained weights directories, loaded and run through open_clip.
+
+A weights directory holds ``open_clip_model.safetensors`` and ``clip.json``::
+
+    {"arch": "ViT-L-14", "pretrained": "laion2b_s32b_b82k" | null,
+     "model_cfg": {...} | null,          # embedded open_clip config for custom architectures
+     "preprocess": {"mean": [...], "std": [...], "interpolation": "bicubic", "resize_mode": "shortest"},
+     "quick_gelu": false}
+
+Random tiny models (``materialize_random_clip``) and hub weights (``fetch_pretrained_clip``)
+produce the same layout, and ``load_clip`` reads both through the same open_clip call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from PIL import Image
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from fgvlm.io import atomic_path, read_json, write_json
+
+WEIGHTS_FILE = "open_clip_model.safetensors"
+CONFIG_FILE = "clip.json"
+# open_clip's file names on the hub: safetensors first, the pickled state dict as fallback
+HUB_SAFETENSORS = "open_clip_model.safetensors"
+HUB_PICKLE = "open_clip_pytorch_model.bin"
+PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
+_BUILTIN_CONFIGS = Path(open_clip.__file__).parent / "model_configs"
+
+
+@dataclass
+class LoadedClip:
+    """A CLIP model ready for inference: ``model`` (eval mode), its inference ``preprocess``
+    (PIL image -> tensor), its ``tokenizer`` (list of str -> token tensor) and a display ``name``."""
+
+    model: torch.nn.Module
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    name: str
+
+
+def _preprocess_entry(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Pick the preprocessing keys of an open_clip (pretrained or model) preprocess config."""
+    missing = [key for key in PREPROCESS_KEYS if key not in cfg]
+    if missing:
+        raise ValueError(f"preprocess config lacks {missing}: {cfg}")
+    return {
+        "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]],
+        "interpolation": str(cfg["interpolation"]),
+        "resize_mode": str(cfg["resize_mode"]),
+    }
+
+
+def _save_state_dict(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Save tensors as safetensors; clone so shared or strided storage is accepted."""
+    tensors = {key: value.detach().cpu().contiguous().clone() for key, value in state_dict.items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _register_model_config(arch: str, model_cfg: dict[str, Any]) -> None:
+    """Make ``arch`` known to open_clip with ``model_cfg`` (open_clip keys configs by file stem)."""
+    if not all(key in model_cfg for key in ("embed_dim", "vision_cfg", "text_cfg")):
+        raise ValueError(f"model config for {arch!r} needs embed_dim, vision_cfg and text_cfg")
+    builtin = _BUILTIN_CONFIGS / f"{arch}.json"
+    # registering under a built-in name would silently change that model for the whole process
+    if builtin.is_file() and json.loads(builtin.read_text()) != model_cfg:
+        raise ValueError(f"custom model config {arch!r} clashes with open_clip's built-in {arch!r}")
+    with tempfile.TemporaryDirectory(prefix="fgvlm-clip-cfg-") as tmp:
+        path = Path(tmp) / f"{arch}.json"
+        path.write_text(json.dumps(model_cfg))
+        # the registry keeps the parsed config after the file is gone
+        open_clip.add_model_config(path)
+
+
+def _read_model_config(model_cfg_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read a plain open_clip model config, or an ``open_clip_config.json`` with
+    ``model_cfg``/``preprocess_cfg``; return (model_cfg, preprocess overrides)."""
+    if not model_cfg_path.is_file():
+        raise FileNotFoundError(f"CLIP model config not found: {model_cfg_path}")
+    data = read_json(model_cfg_path)
+    if "model_cfg" in data:
+        return data["model_cfg"], data.get("preprocess_cfg", {})
+    return data, {}
+
+
+def materialize_random_clip(model_cfg_path: Path, out_dir: Path, seed: int) -> None:
+    """Build a randomly initialised CLIP from an open_clip JSON model config and save it.
+
+    In: ``model_cfg_path`` (its file stem becomes the architecture name), ``seed``.
+    Out: ``out_dir`` with ``open_clip_model.safetensors`` + ``clip.json``, written atomically;
+    the same config and seed give the same bytes.
+    """
+    model_cfg_path = Path(model_cfg_path)
+    arch = model_cfg_path.stem
+    model_cfg, preprocess_overrides = _read_model_config(model_cfg_path)
+    _register_model_config(arch, model_cfg)
+    # a private RNG state: materializing must not disturb the caller's random stream
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = open_clip.create_model(arch, pretrained=None, pretrained_text=False)
+    preprocess = {**model.visual.preprocess_cfg, **preprocess_overrides}
+    entry = {
+        "arch": arch,
+        "pretrained": None,
+        "model_cfg": model_cfg,
+        "preprocess": _preprocess_entry(preprocess),
+        "quick_gelu": bool(model_cfg.get("quick_gelu", False)),
+    }
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        _save_state_dict(model.state_dict(), tmp / WEIGHTS_FILE)
+        write_json(entry, tmp / CONFIG_FILE)
+
+
+def _hub_location(arch: str, tag: str) -> tuple[dict[str, Any], str, str | None]:
+    """Resolve an open_clip (arch, tag) to (pretrained cfg, hub repo id, file name or None)."""
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        known = f"known tags: {tags}" if tags else "unknown architecture"
+        raise ValueError(
+            f"no open_clip pretrained weights for arch {arch!r}, tag {tag!r} ({known})"
+        )
+    if not cfg.get("hf_hub"):
+        raise ValueError(f"open_clip weights {arch!r}/{tag!r} are not on the Hugging Face hub")
+    # open_clip writes 'org/repo/' (default file) or 'org/repo/file.ext'
+    repo_id, filename = os.path.split(cfg["hf_hub"])
+    return cfg, repo_id, filename or None
+
+
+def _hub_candidates(filename: str | None) -> list[str]:
+    """File names to try on the hub, safetensors first."""
+    if filename is None:
+        return [HUB_SAFETENSORS, HUB_PICKLE]
+    if filename.endswith(".safetensors"):
+        return [filename]
+    safe = HUB_SAFETENSORS if filename == HUB_PICKLE else Path(filename).stem + ".safetensors"
+    return [safe, filename]
+
+
+def _download_weights(repo_id: str, candidates: list[str], revision: str | None) -> Path:
+    """Download the first candidate file that exists in ``repo_id``."""
+    for name in candidates:
+        try:
+            return Path(hf_hub_download(repo_id=repo_id, filename=name, revision=revision))
+        except LocalEntryNotFoundError:
+            raise  # offline and not cached: trying other names would hide the cause
+        except EntryNotFoundError:
+            continue  # the repo lacks this file; try the next name
+    raise FileNotFoundError(f"none of {candidates} found in hub repo {repo_id!r} ({revision=})")
+
+
+def fetch_pretrained_clip(arch: str, tag: str, out_dir: Path, revision: str | None = None) -> None:
+    """Download open_clip weights ``arch``/``tag`` from the Hugging Face hub into a weights dir.
+
+    In: an open_clip architecture and pretrained tag (e.g. "ViT-L-14", "laion2b_s32b_b82k"),
+    optionally a hub revision. Out: ``out_dir`` with ``open_clip_model.safetensors`` and a
+    ``clip.json`` carrying the tag's preprocessing and quick-GELU flag, written atomically.
+    """
+    cfg, repo_id, filename = _hub_location(arch, tag)
+    source = _download_weights(repo_id, _hub_candidates(filename), revision)
+    entry = {
+        "arch": arch,
+        "pretrained": tag,
+        "model_cfg": None,
+        "preprocess": _preprocess_entry(cfg),
+        "quick_gelu": bool(cfg.get("quick_gelu", False)),
+    }
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        if source.suffix == ".safetensors":
+            shutil.copyfile(source, tmp / WEIGHTS_FILE)
+        else:
+            checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+            if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
+                checkpoint = checkpoint["state_dict"]
+            _save_state_dict(checkpoint, tmp / WEIGHTS_FILE)
+        write_json(entry, tmp / CONFIG_FILE)
+
+
+def read_clip_config(weights_dir: Path) -> dict[str, Any]:
+    """Read and check ``clip.json`` of a weights dir (errors name the dir)."""
+    weights_dir = Path(weights_dir)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (weights_dir / name).is_file():
+            raise FileNotFoundError(f"CLIP weights dir {weights_dir} lacks {name}")
+    entry = read_json(weights_dir / CONFIG_FILE)
+    missing = [key for key in ("arch", "preprocess", "quick_gelu") if key not in entry]
+    if missing:
+        raise ValueError(f"{weights_dir / CONFIG_FILE}: missing keys {missing}")
+    return entry
+
+
+def load_clip(weights_dir: Path, device: str = "cpu") -> LoadedClip:
+    """Load a weights dir (from ``materialize_random_clip`` or ``fetch_pretrained_clip``).
+
+    Always ``open_clip.create_model_and_transforms(arch, pretrained=<safetensors file>, ...)``
+    with the stored preprocessing; out: a ``LoadedClip`` on ``device`` in eval mode.
+    """
+    weights_dir = Path(weights_dir)
+    entry = read_clip_config(weights_dir)
+    arch = entry["arch"]
+    if entry.get("model_cfg"):
+        _register_model_config(arch, entry["model_cfg"])
+    elif arch not in open_clip.list_models():
+        raise ValueError(f"{weights_dir / CONFIG_FILE}: open_clip has no architecture {arch!r}")
+    preprocess = entry["preprocess"]
+    model, _, preprocess_val = open_clip.create_model_and_transforms(
+        arch,
+        pretrained=str(weights_dir / WEIGHTS_FILE),
+        device=device,
+        force_quick_gelu=bool(entry["quick_gelu"]),
+        image_mean=tuple(preprocess["mean"]),
+        image_std=tuple(preprocess["std"]),
+        image_interpolation=preprocess["interpolation"],
+        image_resize_mode=preprocess["resize_mode"],
+        pretrained_text=False,
+    )
+    model.eval()
+    tag = entry.get("pretrained")
+    name = f"{arch}/{tag}" if tag else arch
+    return LoadedClip(model, preprocess_val, open_clip.get_tokenizer(arch), name)
+
+
+def _autocast(device: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (as CLIP evaluations run), full precision elsewhere."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def _embed_dim(clip: LoadedClip, device: str) -> int:
+    """Embedding width, read from one text encoding (works for every open_clip tower)."""
+    return encode_texts(clip, [""], device).shape[1]
+
+
+def encode_images(
+    clip: LoadedClip,
+    images: Iterable[Image.Image],
+    batch_size: int,
+    device: str,
+    *,
+    workers: int = 0,
+) -> np.ndarray:
+    """Encode PIL images (consumed lazily, in order) -> float32 [n, d], rows L2-normalised.
+
+    ``workers`` > 0 runs the per-image preprocessing in that many threads.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    total = len(images) if hasattr(images, "__len__") else None
+    chunks: list[np.ndarray] = []
+    pool = ThreadPoolExecutor(workers) if workers > 0 else None
+    mapper = pool.map if pool is not None else map
+    try:
+        with torch.no_grad(), tqdm(total=total, desc="encode images", unit="img") as bar:
+            for batch in _batches(images, batch_size):
+                pixels = torch.stack(list(mapper(clip.preprocess, batch))).to(device)
+                with _autocast(device):
+                    features = clip.model.encode_image(pixels)
+                chunks.append(F.normalize(features.float(), dim=-1).cpu().numpy())
+                bar.update(len(batch))
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    if not chunks:
+        return np.zeros((0, _embed_dim(clip, device)), dtype=np.float32)
+    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def encode_texts(clip: LoadedClip, texts: list[str], device: str) -> np.ndarray:
+    """Encode strings -> float32 [n, d], rows L2-normalised."""
+    tokens = clip.tokenizer(texts).to(device)
+    with torch.no_grad(), _autocast(device):
+        features = clip.model.encode_text(tokens)
+    return F.normalize(features.float(), dim=-1).cpu().numpy().astype(np.float32, copy=False)
+
+
+def encode_class_prompts(
+    clip: LoadedClip, classnames: list[str], templates: list[str], device: str
+) -> np.ndarray:
+    """Zero-shot class embeddings -> float32 [C, d].
+
+    Per class, every template ``t.format(c=name)`` is encoded and normalised; the mean is
+    renormalised (CLIP_benchmark's classifier).
+    """
+    if not templates or not classnames:
+        raise ValueError(
+            f"need class names and templates, got {len(classnames)} and {len(templates)}"
+        )
+    rows = []
+    for name in tqdm(classnames, desc="encode classes", unit="class"):
+        prompts = [template.format(c=name) for template in templates]
+        mean = encode_texts(clip, prompts, device).mean(axis=0)
+        rows.append(mean / np.linalg.norm(mean))
+    return np.stack(rows).astype(np.float32)

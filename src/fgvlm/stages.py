@@ -1,0 +1,238 @@
+"""One function per stage of the DAG, from files to files.
+
+Snakemake scripts and the ``fgvlm`` CLI both call these, so a stage runs the same with or
+without the workflow. Each takes the config subtree its job depends on (the rule's ``params``),
+input paths and output paths; every output is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import polars as pl
+
+from fgvlm import io
+
+log = logging.getLogger(__name__)
+
+
+def synthesize_world(world: dict, out_dir: str | Path) -> dict:
+    """Draw a synthetic fine-grained world (``config.synthetic_worlds.<name>``) into ``out_dir``."""
+    from fgvlm.data.synthetic import generate_world
+
+    summary = generate_world(
+        Path(out_dir),
+        family=world["family"],
+        seed=world["seed"],
+        image_size=world.get("image_size", 32),
+        train_per_class=world.get("train_per_class", 40),
+        test_per_class=world.get("test_per_class", 10),
+    )
+    log.info("world %s: %s", out_dir, summary)
+    return summary
+
+
+def build_manifest(
+    spec: dict,
+    manifest_path: str | Path,
+    classes_path: str | Path,
+    negatives_path: str | Path,
+    *,
+    raw_dir: str | Path,
+    world_dir: str | Path | None = None,
+) -> pl.DataFrame:
+    """Download (where the source allows) and normalize a benchmark into its manifest.
+
+    ``spec`` is ``fgvlm.config.benchmark_spec``: the source and the class-name table. Writes the
+    manifest, the full class-name list (label order) to ``classes_path``, and to
+    ``negatives_path`` the candidate negatives per image key where the source defines them
+    (ImageNet: the human-annotated model mistakes), else null (every class is a candidate).
+    Every image is opened once so that a corrupt file fails here, naming the file, not in a
+    GPU job later.
+    """
+    from fgvlm.data import classification, folder, imagenet, manifest
+
+    source = spec["source"]
+    kind = source["type"]
+    raw_dir = Path(raw_dir)
+    negatives = None
+    if kind == "torchvision":
+        classification.download_torchvision_dataset(source["name"], raw_dir)
+        frame = classification.build_manifest(
+            source["name"], raw_dir, expected_count=source.get("expected_count")
+        )
+    elif kind == "imagenet_subset":
+        annotations = raw_dir / "human_accuracy_v3.0.0.json"
+        ann = source["annotations"]
+        imagenet.download_annotations(ann["url"], ann["md5"], annotations)
+        min_wrong = source.get("min_wrong", imagenet.MIN_WRONG)
+        frame = imagenet.read_imagenet_subset(Path(source["val_dir"]), annotations, min_wrong)
+        negatives = imagenet.subset_negatives(imagenet.load_annotations(annotations), min_wrong)
+    elif kind == "image_folder":
+        frame = folder.read_image_folder(Path(source["root"]), split=source.get("split", "test"))
+    elif kind == "csv":
+        root = source.get("image_root")
+        frame = folder.read_csv_source(
+            Path(source["csv"]), Path(root) if root else None, split=source.get("split", "test")
+        )
+    elif kind == "synthetic":
+        # A synthetic world is an image-folder tree: read it through the generic source.
+        split = source.get("split", "test")
+        frame = folder.read_image_folder(Path(world_dir) / split, split=split)
+    else:  # the schema rejects other types; this guards direct library use
+        raise ValueError(f"benchmark source type {kind!r} is not supported")
+
+    classnames = _classnames(spec, frame, world_dir)
+    frame = manifest.make_manifest(frame)
+    manifest.verify_images(frame)
+    manifest.write_manifest(frame, manifest_path)
+    io.write_json(classnames, classes_path)
+    io.write_json(negatives, negatives_path)
+    log.info("manifest %s: %d images, %d classes", manifest_path, frame.height, len(classnames))
+    return frame
+
+
+def _classnames(spec: dict, frame: pl.DataFrame, world_dir: str | Path | None) -> list[str]:
+    """The full class list in label order: a named table, the world's classes, or the manifest's."""
+    from fgvlm.data.classification import load_classnames
+
+    if "classnames" in spec:
+        return load_classnames(spec["classnames"])
+    if world_dir is not None:
+        return io.read_json(Path(world_dir) / "classes.json")
+    pairs = frame.select("label", "classname").unique().sort("label")
+    labels = pairs["label"].to_list()
+    if labels != list(range(len(labels))):
+        raise ValueError("manifest labels are not 0..C-1; name a class table with 'classnames'")
+    return pairs["classname"].to_list()
+
+
+def fetch_clip(source: dict, out_dir: str | Path) -> None:
+    """Fetch released CLIP weights, or materialize a randomly initialised tiny CLIP, into ``out_dir``."""
+    from fgvlm.models import clip
+
+    if source["type"] == "open_clip":
+        clip.fetch_pretrained_clip(
+            source["arch"], source["pretrained"], Path(out_dir), revision=source.get("revision")
+        )
+    elif source["type"] == "random_init":
+        clip.materialize_random_clip(Path(source["model_config"]), Path(out_dir), source["seed"])
+    else:
+        raise ValueError(f"CLIP source type {source['type']!r} is not supported")
+
+
+def mine(
+    manifest_path: str | Path,
+    classes_path: str | Path,
+    negatives_path: str | Path,
+    clip_dir: str | Path,
+    miner: dict,
+    questions_path: str | Path,
+    *,
+    benchmark: str,
+    batch_size: int = 64,
+    device: str = "cpu",
+) -> pl.DataFrame:
+    """Mine 5-way questions (``miner``: ``fgvlm.config.miner_spec``) for one benchmark."""
+    from fgvlm.data.manifest import read_manifest
+    from fgvlm.mining import mine_questions
+    from fgvlm.models.clip import load_clip
+
+    frame = read_manifest(manifest_path)
+    classnames = io.read_json(classes_path)
+    model = load_clip(Path(clip_dir), device=device)
+    questions = mine_questions(
+        frame,
+        model,
+        benchmark=benchmark,
+        classnames=classnames,
+        templates=miner["templates"],
+        seed=miner["seed"],
+        k=miner["negatives"],
+        batch_size=batch_size,
+        device=device,
+        candidates=io.read_json(negatives_path),
+    )
+    metadata = {
+        "benchmark": benchmark,
+        "miner": model.name,
+        "templates": json.dumps(miner["templates"]),
+        "negatives": str(miner["negatives"]),
+        "seed": str(miner["seed"]),
+    }
+    io.write_parquet(questions, questions_path, metadata=metadata)
+    log.info("questions %s: %d", questions_path, questions.height)
+    return questions
+
+
+def shard(
+    questions_path: str | Path,
+    manifest_path: str | Path,
+    out_dir: str | Path,
+    *,
+    samples_per_shard: int,
+) -> dict:
+    """Write a question set and its images as WebDataset shards with an index."""
+    from fgvlm.data.manifest import read_manifest
+    from fgvlm.data.shards import write_question_shards
+
+    return write_question_shards(
+        pl.read_parquet(questions_path),
+        read_manifest(manifest_path),
+        Path(out_dir),
+        samples_per_shard=samples_per_shard,
+    )
+
+
+def eval_clip(
+    shard_dir: str | Path,
+    classes_path: str | Path,
+    clip_dir: str | Path,
+    templates: list[str],
+    predictions_path: str | Path,
+    metrics_path: str | Path,
+    *,
+    metric: str = "accuracy",
+    batch_size: int = 64,
+    device: str = "cpu",
+) -> dict:
+    """Zero-shot CLIP baseline on one benchmark: N-way and 5-way, predictions and metrics."""
+    from fgvlm.data.shards import iter_question_samples
+    from fgvlm.evaluate.clip_zeroshot import evaluate_clip
+    from fgvlm.models.clip import load_clip
+
+    model = load_clip(Path(clip_dir), device=device)
+    predictions, metrics = evaluate_clip(
+        iter_question_samples(Path(shard_dir)),
+        model,
+        io.read_json(classes_path),
+        templates,
+        batch_size=batch_size,
+        device=device,
+        primary=metric,
+    )
+    io.write_parquet(predictions, predictions_path)
+    io.write_json(metrics, metrics_path)
+    return metrics
+
+
+def vqa_benchmark(source: dict, out_path: str | Path) -> None:
+    """Fetch a VLMEvalKit TSV (md5-checked) or write the demo's synthetic one."""
+    if source["type"] == "synthetic_vqa":
+        from fgvlm.data.synthetic import write_vqa_tsv
+
+        write_vqa_tsv(
+            Path(out_path),
+            seed=source["seed"],
+            n_questions=source.get("n_questions", 60),
+            image_size=source.get("image_size", 32),
+            style=source["style"],
+        )
+    elif source["type"] == "vlmeval_tsv":
+        from fgvlm.data.download import download_file
+
+        download_file(source["url"], Path(out_path), md5=source["md5"])
+    else:
+        raise ValueError(f"VQA source type {source['type']!r} is not supported")

@@ -1,0 +1,156 @@
+"""The study config: schema errors name the key path; the paper's study expands as the paper says."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fgvlm import config as fc
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = ROOT / "config" / "config.yaml"
+DEMO = ROOT / "config" / "demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def paper() -> dict:
+    return fc.load_config(PAPER)
+
+
+def raw(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def test_both_shipped_configs_are_valid():
+    for path in (PAPER, DEMO):
+        assert fc.load_config(path)["benchmarks"]
+
+
+def test_paper_config_declares_the_whole_study(paper):
+    assert list(paper["benchmarks"]) == ["imagenet", "flowers", "pets", "food"]
+    assert paper["benchmarks"]["imagenet"]["metric"] == "mean_per_class"
+    assert list(paper["vqa_benchmarks"]) == ["mmbench", "mmmu", "mmstar"]
+    assert paper["miner"]["clip"] == "laion_vit_l14"
+    assert paper["clip_models"]["laion_vit_l14"]["source"]["pretrained"] == "laion2b_s32b_b82k"
+    assert paper["miner"]["negatives"] == 4
+    rows = paper["ablations"]
+    assert len(rows) == 24  # Table 2
+    assert len(fc.trained_rows(paper)) == 22  # "22 ablation experiments"
+    assert sorted(r["name"] for r in rows if "hub" in r) == ["llava15_7b", "qwen2vl_7b_instruct"]
+    assert len(paper["hub_vlms"]) == 15  # §3
+    recipes = paper["recipes"]
+    assert recipes["pretrain_connector"]["connector_lr"] == 1e-3
+    assert recipes["pretrain_connector"]["global_batch"] == 256
+    assert recipes["pretrain_full"]["connector_only_fraction"] == 0.2
+    assert recipes["pretrain_full"]["llm_lr"] == 2e-5
+    assert recipes["finetune"]["global_batch"] == 128
+    assert recipes["finetune"]["llm_lr"] == 2e-5
+
+
+def test_rows_sharing_a_recipe_share_one_pretraining(paper):
+    jobs = fc.pretrain_jobs(paper)
+    # 6 LLaVA-PT connector + 1 second-seed reproduction + 4 PixMo connector + 2 full = 13.
+    assert len(jobs) == 13
+    assert sum(spec["recipe"]["updating"] == "full" for spec in jobs.values()) == 2
+    no_pt = [r for r in fc.trained_rows(paper) if fc.pretrain_spec(paper, r) is None]
+    assert len(no_pt) == 9  # 8 'None' rows + the Qwen2-VL base row
+
+
+def test_factor_labels_follow_the_paper(paper):
+    row = next(r for r in paper["ablations"] if r["name"] == "dfn_qwen2_pixmo_full")
+    assert fc.factor_labels(paper, row) == {
+        "vision_encoder": "DFN ViT-H/14@378",
+        "llm": "Qwen2-7B",
+        "arch": "LLaVA",
+        "pt_data": "PixMo",
+        "ft_data": "LLaVA",
+        "updating": "Full",
+    }
+    qwen = next(r for r in paper["ablations"] if r["name"] == "qwen2vl_7b_instruct")
+    assert fc.factor_labels(paper, qwen)["pt_data"] == "Qwen2-VL"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda c: c.update(unknown_key=1), "Additional properties are not allowed ('unknown_key'"),
+        (lambda c: c["miner"].update(negatives="four"), "miner.negatives: 'four' is not of type"),
+        (
+            lambda c: c["miner"].update(clip="no_such_clip"),
+            "miner.clip: 'no_such_clip' is not defined in clip_models",
+        ),
+        (
+            lambda c: c["miner"].update(templates=["a photo"]),
+            "miner.templates[0]: 'a photo' does not match",
+        ),
+        (
+            lambda c: c["ablations"][3].update(llm="gpt5"),
+            "ablations[3] (clip_llama2_nopt).llm: 'gpt5' is not defined in llms",
+        ),
+        (
+            lambda c: c["ablations"][5].update(vision_encoder="vit_x"),
+            "ablations[5] (dfn_vicuna_nopt).vision_encoder: 'vit_x'",
+        ),
+        (
+            lambda c: c["ablations"][11].update(pt_data="laion"),
+            ".pt_data: 'laion' is not defined in train_data",
+        ),
+        (
+            lambda c: c["ablations"][11].update(pt_data="llava_ft"),
+            "'llava_ft' is finetune data, not pretrain data",
+        ),
+        (
+            lambda c: c["benchmarks"]["flowers"]["source"].update(name="cub200"),
+            "benchmarks.flowers.source.name: 'cub200' is not one of",
+        ),
+        (
+            lambda c: c["benchmarks"]["pets"]["source"].update(type="s3"),
+            "benchmarks.pets.source: unknown type 's3'",
+        ),
+        (
+            lambda c: c["clip_eval"]["models"].append("nope"),
+            "clip_eval.models[3]: 'nope' is not defined",
+        ),
+        (
+            lambda c: c["benchmarks"]["food"].pop("metric"),
+            "benchmarks.food: 'metric' is a required property",
+        ),
+        (
+            lambda c: c["ablations"].append(dict(c["ablations"][2])),
+            "duplicate ablation name 'clip_vicuna_nopt'",
+        ),
+        (
+            lambda c: c["encoders"]["clip_l14_336"].update(clip="openai"),
+            "encoders.clip_l14_336.clip: 'openai'",
+        ),
+    ],
+)
+def test_schema_errors_name_the_key_path(mutate, message):
+    cfg = copy.deepcopy(raw(PAPER))
+    mutate(cfg)
+    with pytest.raises(fc.ConfigError) as err:
+        fc.validate(cfg)
+    assert message in str(err.value)
+
+
+def test_load_config_names_the_file(tmp_path):
+    bad = tmp_path / "study.yaml"
+    cfg = raw(DEMO)
+    cfg["shards"]["samples_per_shard"] = 0
+    bad.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(fc.ConfigError, match=r"study\.yaml: shards\.samples_per_shard: 0 is less"):
+        fc.load_config(bad)
+    (tmp_path / "broken.yaml").write_text("seed: [1,\n")
+    with pytest.raises(fc.ConfigError, match="broken.yaml: not valid YAML"):
+        fc.load_config(tmp_path / "broken.yaml")
+
+
+def test_job_specs_carry_only_their_own_subtree(paper):
+    changed = copy.deepcopy(paper)
+    changed["miner"]["templates"] = ["a blurry photo of a {c}"]
+    assert fc.miner_spec(changed) != fc.miner_spec(paper)
+    assert fc.benchmark_spec(changed, "flowers") == fc.benchmark_spec(paper, "flowers")
+    assert fc.clip_eval_spec(changed, "laion_vit_l14") == fc.clip_eval_spec(paper, "laion_vit_l14")

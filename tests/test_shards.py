@@ -1,0 +1,173 @@
+"""WebDataset question shards: determinism, index, rank/worker splitting, round trip, atomicity."""
+
+from __future__ import annotations
+
+import collections
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from PIL import Image
+
+from fgvlm.data.shards import (
+    iter_question_samples,
+    question_dataset,
+    read_index,
+    shard_urls,
+    write_question_shards,
+)
+
+N_IMAGES = 10
+SUFFIXES = (".png", ".jpg", ".bmp")  # raw PNG, raw JPEG, re-encoded to PNG
+
+
+def _images(root: Path) -> pl.DataFrame:
+    """A manifest of small random images in three file formats."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(N_IMAGES):
+        path = root / "images" / f"img{i}{SUFFIXES[i % 3]}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(path)
+        rows.append({"key": f"img{i}", "path": str(path), "label": i % 4, "classname": f"c{i % 4}"})
+    return pl.DataFrame(rows).with_columns(split=pl.lit("test"))
+
+
+def _questions(n: int = N_IMAGES) -> pl.DataFrame:
+    """Questions in the project's contract layout, one per image."""
+    return pl.DataFrame(
+        {
+            "qid": [f"bench-{i:06d}" for i in range(n)],
+            "image": [f"img{i}" for i in range(n)],
+            "question": ["What type of object is in this photo?"] * n,
+            "options": [[f"c{(i + k) % 5}" for k in range(5)] for i in range(n)],
+            "option_labels": [[(i + k) % 5 for k in range(5)] for i in range(n)],
+            "answer": ["A"] * n,
+            "label": list(range(n)),
+            "classname": [f"c{i % 5}" for i in range(n)],
+        },
+        schema_overrides={"option_labels": pl.List(pl.Int64), "label": pl.Int64},
+    )
+
+
+@pytest.fixture()
+def manifest(tmp_path: Path) -> pl.DataFrame:
+    return _images(tmp_path)
+
+
+def test_index_counts_and_byte_identical_rewrite(tmp_path: Path, manifest: pl.DataFrame) -> None:
+    index = write_question_shards(_questions(), manifest, tmp_path / "a", samples_per_shard=4)
+    assert index == {
+        "shards": [
+            {"name": "shard-000000.tar", "count": 4},
+            {"name": "shard-000001.tar", "count": 4},
+            {"name": "shard-000002.tar", "count": 2},
+        ],
+        "total": N_IMAGES,
+    }
+    assert read_index(tmp_path / "a") == index
+    # same questions in another row order: identical bytes (sorted samples, mtime 0)
+    shuffled = _questions().sample(fraction=1.0, shuffle=True, seed=3)
+    write_question_shards(shuffled, manifest, tmp_path / "b", samples_per_shard=4)
+    for entry in index["shards"]:
+        a = (tmp_path / "a" / entry["name"]).read_bytes()
+        assert a == (tmp_path / "b" / entry["name"]).read_bytes()
+    assert [Path(u).name for u in shard_urls(tmp_path / "a")] == [
+        s["name"] for s in index["shards"]
+    ]
+
+
+def test_round_trip_records_and_image_bytes(tmp_path: Path, manifest: pl.DataFrame) -> None:
+    questions = _questions()
+    out = tmp_path / "shards"
+    write_question_shards(questions, manifest, out, samples_per_shard=3)
+    expected = {r["qid"]: r for r in questions.to_dicts()}
+    paths = dict(zip(manifest["key"], manifest["path"], strict=True))
+    seen = {}
+    for record, image in iter_question_samples(out):
+        assert record == expected[record["qid"]]  # every column, lists as lists
+        assert image.mode == "RGB"
+        source = Image.open(paths[record["image"]]).convert("RGB")
+        if not paths[record["image"]].endswith(".jpg"):  # lossless formats: same pixels
+            assert np.array_equal(np.asarray(image), np.asarray(source))
+        seen[record["qid"]] = record
+    assert seen.keys() == expected.keys()
+    members = {}
+    for url in shard_urls(out):
+        with tarfile.open(url) as tar:
+            members.update({m.name: tar.extractfile(m).read() for m in tar if m.isfile()})
+            assert {m.mtime for m in tar} == {0}
+    assert members["bench-000000.png"] == Path(paths["img0"]).read_bytes()  # raw PNG bytes
+    assert members["bench-000001.jpg"] == Path(paths["img1"]).read_bytes()  # raw JPEG bytes
+    bmp = Image.open(io.BytesIO(members["bench-000002.png"]))  # BMP re-encoded as PNG
+    assert bmp.format == "PNG"
+
+
+def test_missing_image_key_names_qid_and_key(tmp_path: Path, manifest: pl.DataFrame) -> None:
+    questions = _questions().with_columns(
+        image=pl.when(pl.col("qid") == "bench-000004")
+        .then(pl.lit("nope"))
+        .otherwise(pl.col("image"))
+    )
+    with pytest.raises(ValueError, match=r"bench-000004.*'nope'"):
+        write_question_shards(questions, manifest, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_failure_mid_write_leaves_no_output(tmp_path: Path, manifest: pl.DataFrame) -> None:
+    Path(manifest.filter(pl.col("key") == "img7")["path"][0]).unlink()  # fails in the 2nd shard
+    out = tmp_path / "shards"
+    with pytest.raises(FileNotFoundError, match="img7.*bench-000007"):
+        write_question_shards(_questions(), manifest, out, samples_per_shard=4)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".shards")]  # temp removed
+
+
+def test_ranks_times_workers_see_every_sample_once(tmp_path: Path, manifest: pl.DataFrame) -> None:
+    out = tmp_path / "shards"
+    write_question_shards(_questions(), manifest, out, samples_per_shard=2)  # 5 shards
+    counts: collections.Counter[str] = collections.Counter()
+    for rank in range(2):
+        dataset = question_dataset(out, rank=rank, world_size=2)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)
+        for record, image in loader:
+            assert isinstance(image, Image.Image) and image.mode == "RGB"
+            counts[record["qid"]] += 1
+    assert counts == {f"bench-{i:06d}": 1 for i in range(N_IMAGES)}
+    # the plain reader splits the same way
+    plain = [
+        r["qid"]
+        for rank in range(2)
+        for r, _ in iter_question_samples(out, rank=rank, world_size=2)
+    ]
+    assert sorted(plain) == sorted(counts)
+
+
+def test_too_few_shards_for_workers_is_an_error(tmp_path: Path, manifest: pl.DataFrame) -> None:
+    out = tmp_path / "shards"
+    write_question_shards(_questions(), manifest, out, samples_per_shard=4)  # 3 shards
+    # rank 1 of 2 holds one shard: its second worker would get nothing
+    loader = torch.utils.data.DataLoader(
+        question_dataset(out, rank=1, world_size=2), batch_size=None, num_workers=2
+    )
+    with pytest.raises(ValueError, match="worker 1 of 2 on rank 1 gets no shard"):
+        list(loader)
+    with pytest.raises(ValueError, match="3 shards cannot feed 4 ranks"):
+        question_dataset(out, rank=0, world_size=4)
+    with pytest.raises(ValueError, match="both rank and world_size"):
+        question_dataset(out, rank=0)
+
+
+def test_read_index_errors_name_the_file(tmp_path: Path, manifest: pl.DataFrame) -> None:
+    with pytest.raises(FileNotFoundError, match="index.json"):
+        read_index(tmp_path)
+    (tmp_path / "index.json").write_text('{"shards": [{"name": "x.tar", "count": 2}], "total": 3}')
+    with pytest.raises(ValueError, match=r"index\.json.*total"):
+        read_index(tmp_path)
+    (tmp_path / "index.json").write_text('{"shards": [{"name": "x.tar", "count": 2}], "total": 2}')
+    with pytest.raises(FileNotFoundError, match="x.tar"):
+        shard_urls(tmp_path)

@@ -1,0 +1,143 @@
+"""The Snakemake DAG: the paper's study dry-runs with no data; the demo runs for real, end to end;
+a config change reruns exactly the jobs it invalidates."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile")]
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [*SNAKEMAKE, "--directory", str(workdir), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=workdir,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"snakemake {args} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+def planned_jobs(workdir: Path, *args: str) -> Counter:
+    """Rule -> job count of a dry-run (Snakemake's 'Job stats' table)."""
+    out = snakemake(workdir, "-n", *args).stdout
+    if "Nothing to be done" in out:
+        return Counter()
+    table = out.split("Job stats:")[1].split("total")[0]
+    rows = re.findall(r"^(\w+)\s+(\d+)$", table, flags=re.MULTILINE)
+    return Counter({rule: int(n) for rule, n in rows})
+
+
+def demo_config(tmp: Path, **changes) -> Path:
+    """config/demo.yaml with its model-config paths made absolute (the run happens in ``tmp``)."""
+    cfg = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    for model in cfg["clip_models"].values():
+        if model["source"]["type"] == "random_init":
+            model["source"]["model_config"] = str(ROOT / model["source"]["model_config"])
+    for path, value in changes.items():
+        node = cfg
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    out = tmp / "demo.yaml"
+    out.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return out
+
+
+def test_paper_config_dry_run_lists_every_stage(tmp_path):
+    jobs = planned_jobs(tmp_path)  # no --configfile: the paper's study
+    assert jobs == Counter(
+        build_manifest=4,  # ImageNet subset, Flowers, Pets, Food
+        vqa_benchmark=3,  # MMBench, MMMU, MMStar
+        fetch_clip=3,  # the miner's LAION ViT-L/14, OpenAI ViT-L/14-336, DFN ViT-H/14-378
+        mine_questions=4,
+        shard_questions=4,
+        eval_clip=12,  # 3 CLIP models x 4 benchmarks
+        all=1,
+    )
+
+
+def test_malformed_config_fails_before_any_job(tmp_path):
+    config = demo_config(tmp_path, **{"miner.clip": "no_such_model"})
+    proc = snakemake(tmp_path, "-n", "--configfile", str(config), check=False)
+    assert proc.returncode != 0
+    assert "miner.clip: 'no_such_model' is not defined in clip_models" in proc.stderr + proc.stdout
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    """The demo's benchmark half, run once for real on 2 cores."""
+    workdir = tmp_path_factory.mktemp("demo")
+    config = demo_config(workdir)
+    snakemake(workdir, "--profile", str(ROOT / "profiles" / "demo"), "--configfile", str(config))
+    return workdir
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(demo_run):
+    demo = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    for bench in demo["benchmarks"]:
+        questions = pl.read_parquet(demo_run / "results" / "questions" / f"{bench}.parquet")
+        manifest = pl.read_parquet(demo_run / "data" / bench / "manifest.parquet")
+        assert questions.height == manifest.height > 0
+        assert questions["options"].list.len().unique().to_list() == [5]
+        index = json.loads((demo_run / "shards" / "questions" / bench / "index.json").read_text())
+        assert index["total"] == questions.height
+        for clip in demo["clip_eval"]["models"]:
+            metrics = json.loads(
+                (demo_run / "results" / "metrics" / f"clip-{clip}" / f"{bench}.json").read_text()
+            )
+            assert metrics["n"] == questions.height
+            assert 0.0 <= metrics["accuracy"] <= 1.0
+            # N-way correct implies 5-way correct: the answer is always among the options.
+            assert metrics["nway_accuracy"] <= metrics["accuracy"]
+    for vqa in demo["vqa_benchmarks"]:
+        assert (demo_run / "data" / "vqa" / f"{vqa}.tsv").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_no_change_reruns_nothing(demo_run):
+    assert planned_jobs(demo_run, "--configfile", str(demo_config(demo_run))) == Counter()
+
+
+@pytest.mark.slow
+def test_changed_miner_template_reruns_mining_shards_and_clip_eval_only(demo_run):
+    config = demo_config(demo_run, **{"miner.templates": ["a blurry photo of a {c}"]})
+    jobs = planned_jobs(demo_run, "--configfile", str(config))
+    demo = yaml.safe_load(config.read_text())
+    n_bench = len(demo["benchmarks"])
+    assert jobs == Counter(
+        mine_questions=n_bench,
+        shard_questions=n_bench,
+        eval_clip=n_bench * len(demo["clip_eval"]["models"]),
+        all=1,
+    )
+
+
+@pytest.mark.slow
+def test_changed_clip_eval_template_reruns_only_clip_eval(demo_run):
+    config = demo_config(demo_run, **{"clip_eval.templates": ["itap of a {c}"]})
+    jobs = planned_jobs(demo_run, "--configfile", str(config))
+    demo = yaml.safe_load(config.read_text())
+    assert jobs == Counter(
+        eval_clip=len(demo["benchmarks"]) * len(demo["clip_eval"]["models"]), all=1
+    )

@@ -1,0 +1,10 @@
+from fgvlm import logs, stages
+
+sm = snakemake  # noqa: F821
+logs.setup(sm.log)
+stages.shard(
+    sm.input.questions,
+    sm.input.manifest,
+    sm.output[0],
+    samples_per_shard=sm.params.samples_per_shard,
+)
