@@ -1,20 +1,25 @@
-"""WebDataset shards of question sets: write deterministic tars, read them back split by rank.
+"""WebDataset shards of question sets and training conversations: deterministic tars, split reads.
 
 A shard directory holds ``shard-000000.tar`` ... and ``index.json`` {"shards": [{"name", "count"}],
-"total"}. Each sample has ``__key__`` = qid, the raw image bytes under "jpg" or "png", and the
-question record (every question column) under "json".
+"total"}. A question sample has ``__key__`` = qid, the raw image bytes under "jpg" or "png", and
+the question record (every question column) under "json". A conversation (training) sample has
+``__key__`` = its sanitized id, the LLaVA conversation record under "json" and, unless it is
+text-only, the image bytes under "jpg" or "png".
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import itertools
 import json
+import re
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import torch
 import webdataset as wds
@@ -251,3 +256,366 @@ def question_dataset(
         empty_check=False,
     )
     return dataset.map(decode_sample)
+
+
+# ---------------------------------------------------------------- conversation (training) shards
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+
+ImageSource = Path | str | bytes | None
+
+
+def conversation_key(sample_id: str) -> str:
+    """A tar-safe shard key for a sample id: every character outside [A-Za-z0-9_-] becomes '_'."""
+    key = _UNSAFE_KEY_CHARS.sub("_", str(sample_id))
+    if not key:
+        raise ValueError("a sample has an empty id: cannot make a shard key")
+    return key
+
+
+def _unique_key(sample_id: str, used: set[str]) -> str:
+    """``conversation_key``, suffixed -1, -2, ... when taken (LLaVA files repeat ids)."""
+    base = key = conversation_key(sample_id)
+    n = 0
+    while key in used:
+        n += 1
+        key = f"{base}-{n}"
+    used.add(key)
+    return key
+
+
+def _conversation_image(source: ImageSource, sample_id: str) -> tuple[str, bytes] | None:
+    """(extension, bytes) of a sample's image by content: JPEG and PNG raw, others re-encoded PNG.
+
+    ``source``: a file path, the image bytes, or None (text-only sample -> None).
+    """
+    if source is None:
+        return None
+    if isinstance(source, (bytes, bytearray)):
+        data, where = bytes(source), "image bytes"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: image of sample {sample_id!r} not found")
+        data, where = path.read_bytes(), str(path)
+    # the content decides, not the suffix (OCR-VQA ships GIFs and PNGs named .jpg)
+    if data.startswith(JPEG_MAGIC):
+        return "jpg", data
+    if data.startswith(PNG_MAGIC):
+        return "png", data
+    buffer = io.BytesIO()
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.convert("RGB").save(buffer, format="PNG")
+    except Exception as err:  # PIL raises many types on corrupt data
+        raise ValueError(
+            f"{where}: image of sample {sample_id!r} is not decodable ({err})"
+        ) from err
+    return "png", buffer.getvalue()
+
+
+def _check_record(record: Any, source: ImageSource) -> str:
+    """The record's id; a record must have "id" and "conversations", and "image" iff a source."""
+    if not isinstance(record, dict) or record.get("id") in (None, ""):
+        raise ValueError(f"conversation record without an 'id': {str(record)[:200]}")
+    sample_id = str(record["id"])
+    if not isinstance(record.get("conversations"), list):
+        raise ValueError(f"sample {sample_id!r} has no 'conversations' list")
+    if ("image" in record) != (source is not None):
+        has = "has" if "image" in record else "has no"
+        raise ValueError(
+            f"sample {sample_id!r} {has} 'image' but its image source is {source!r}: "
+            f"text-only samples have neither"
+        )
+    return sample_id
+
+
+def write_conversation_shards(
+    samples: Iterable[tuple[dict[str, Any], ImageSource]],
+    out_dir: Path,
+    *,
+    samples_per_shard: int,
+) -> dict[str, Any]:
+    """Write (conversation record, image source) pairs as WebDataset tars, atomically.
+
+    ``samples``: an iterable (streamed, never held in memory whole) of LLaVA records {"id",
+    "image"?, "conversations"} with their image as a path, bytes, or None for text-only samples.
+    Each sample becomes ``__key__`` = the id made tar-safe and unique (``conversation_key``, then
+    -1, -2, ... on repeats), "json" = the record, and "jpg"/"png" = the image by content (other
+    formats re-encoded as PNG; text-only samples have no image). Input order is kept and tar
+    members have mtime 0, so the same input gives byte-identical shards. Returns the index
+    written to ``out_dir/index.json`` (format of ``read_index``).
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1 (got {samples_per_shard})")
+    total = len(samples) if hasattr(samples, "__len__") else None
+    stream = iter(tqdm(samples, total=total, desc=f"shards {Path(out_dir).name}", unit="sample"))
+    used: set[str] = set()
+    shards = []
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        while chunk := list(itertools.islice(stream, samples_per_shard)):
+            name = SHARD_PATTERN.format(len(shards))
+            with open(tmp / name, "wb") as tar_stream, wds.TarWriter(tar_stream, mtime=0) as sink:
+                for record, source in chunk:
+                    sample_id = _check_record(record, source)
+                    payload = json.dumps(record, sort_keys=True, ensure_ascii=False).encode()
+                    sample = {"__key__": _unique_key(sample_id, used), "json": payload}
+                    image = _conversation_image(source, sample_id)
+                    if image is not None:
+                        sample[image[0]] = image[1]
+                    sink.write(sample)
+            shards.append({"name": name, "count": len(chunk)})
+        if not shards:
+            raise ValueError(f"no samples to shard into {out_dir}")
+        index = {"shards": shards, "total": sum(s["count"] for s in shards)}
+        write_json(index, tmp / INDEX_NAME)
+    return index
+
+
+def count_samples(shard_dir: Path) -> int:
+    """Number of samples in a shard directory, from its index (for steps per epoch)."""
+    return read_index(shard_dir)["total"]
+
+
+def decode_conversation(sample: dict[str, Any]) -> tuple[dict[str, Any], Image.Image | None]:
+    """(conversation record, RGB image or None for a text-only sample) from a raw tar sample."""
+    record = json.loads(sample["json"])
+    data = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
+    if data is None:
+        if "image" in record:
+            where = sample.get("__url__", "shard")
+            raise ValueError(f"{where}: sample {sample['__key__']!r} names an image but has none")
+        return record, None
+    with Image.open(io.BytesIO(data)) as image:
+        return record, image.convert("RGB")
+
+
+def _check_epoch(seed: int, epoch: int) -> None:
+    """Seeds feed numpy's SeedSequence, which takes non-negative integers only."""
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed and epoch must be >= 0 (got seed {seed}, epoch {epoch})")
+
+
+def rank_shards(n_shards: int, *, rank: int, world_size: int, seed: int, epoch: int) -> list[int]:
+    """Shard indices read by ``rank`` in ``epoch``, in reading order.
+
+    All ranks draw the same seeded permutation of the shards for the epoch and take every
+    ``world_size``-th shard from position ``rank``: the ranks partition the shards, and which
+    rank reads which shard, in which order, changes from epoch to epoch.
+    """
+    _check_rank(rank, world_size)
+    _check_epoch(seed, epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n_shards)
+    return [int(i) for i in order[rank::world_size]]
+
+
+def _n_batches(n_samples: int, batch_size: int, drop_last: bool) -> int:
+    """Batches a DataLoader worker makes of ``n_samples`` (it batches its own stream)."""
+    return n_samples // batch_size if drop_last else -(-n_samples // batch_size)
+
+
+def _resume_plan(batches: list[int], skip: int) -> tuple[list[int], list[int]]:
+    """(batches consumed per worker stream, stream order for the physical workers) after ``skip``.
+
+    A DataLoader yields its workers' batches round-robin from worker 0, dropping a worker from
+    the rotation once it is exhausted. After ``skip`` batches, each stream resumes past its
+    consumed batches, and the streams are handed to physical workers 0, 1, ... in the order the
+    rotation would continue, so that a fresh DataLoader continues the original sequence exactly.
+    """
+    if skip > sum(batches):
+        raise ValueError(f"cannot skip {skip} batches: the epoch has {sum(batches)}")
+    workers = len(batches)
+    consumed = [0] * workers
+    turn = 0
+    for _ in range(skip):
+        while consumed[turn] >= batches[turn]:
+            turn = (turn + 1) % workers
+        consumed[turn] += 1
+        turn = (turn + 1) % workers
+    rotation = [(turn + i) % workers for i in range(workers)]
+    return consumed, [w for w in rotation if consumed[w] < batches[w]]
+
+
+def _shuffled(samples: Iterator[dict], buffer: int, rng: np.random.Generator) -> Iterator[dict]:
+    """A seeded shuffle buffer of ``buffer`` samples (buffer <= 1: the samples unchanged)."""
+    if buffer <= 1:
+        yield from samples
+        return
+    pool: list[dict] = []
+    for sample in samples:
+        if len(pool) < buffer:
+            pool.append(sample)
+            continue
+        i = int(rng.integers(len(pool)))
+        yield pool[i]
+        pool[i] = sample
+    while pool:
+        i = int(rng.integers(len(pool)))
+        pool[i], pool[-1] = pool[-1], pool[i]
+        yield pool.pop()
+
+
+class ConversationShards(torch.utils.data.IterableDataset):
+    """(conversation record, RGB image or None) from training shards, split by rank and worker.
+
+    Built by ``conversation_dataset``; see there. ``set_epoch`` moves to another epoch (and
+    resume point) without rebuilding; a DataLoader picks it up when its iterator is created, so
+    do not combine it with ``persistent_workers=True``.
+    """
+
+    def __init__(
+        self,
+        shard_dir: Path,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        epoch: int = 0,
+        shuffle_buffer: int = 0,
+        skip_batches: int = 0,
+        batch_size: int = 1,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_rank(rank, world_size)
+        if batch_size < 1 or shuffle_buffer < 0:
+            raise ValueError(
+                f"need batch_size >= 1 and shuffle_buffer >= 0 (got {batch_size}, {shuffle_buffer})"
+            )
+        self.shard_dir = str(shard_dir)
+        self.urls = shard_urls(shard_dir)
+        self.counts = [s["count"] for s in read_index(shard_dir)["shards"]]
+        if len(self.urls) < world_size:
+            raise ValueError(f"{shard_dir}: {len(self.urls)} shards cannot feed {world_size} ranks")
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle_buffer, self.batch_size, self.drop_last = shuffle_buffer, batch_size, drop_last
+        self.set_epoch(epoch, skip_batches=skip_batches)
+
+    def set_epoch(self, epoch: int, *, skip_batches: int = 0) -> None:
+        """Read ``epoch`` next, skipping the first ``skip_batches`` batches of its loader."""
+        _check_epoch(self.seed, epoch)
+        if skip_batches < 0:
+            raise ValueError(f"skip_batches must be >= 0 (got {skip_batches})")
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    def worker_shards(self, num_workers: int) -> list[list[int]]:
+        """The rank's shards this epoch, split round-robin into ``num_workers`` streams."""
+        mine = rank_shards(
+            len(self.urls),
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=self.seed,
+            epoch=self.epoch,
+        )
+        streams = [mine[w::num_workers] for w in range(num_workers)]
+        empty = [w for w, shards in enumerate(streams) if not shards]
+        if empty:
+            raise ValueError(
+                f"{self.shard_dir}: DataLoader worker {empty[0]} of {num_workers} on rank "
+                f"{self.rank} gets no shard (the rank has {len(mine)}); use at most {len(mine)} "
+                f"workers per rank or write smaller shards"
+            )
+        return streams
+
+    def _stream(self, shards: list[int], skip_samples: int) -> Iterator[tuple[dict, Any]]:
+        """Decoded samples of ``shards`` in order, each shard shuffled, the first ones skipped."""
+        for shard in shards:
+            if skip_samples >= self.counts[shard]:
+                skip_samples -= self.counts[shard]  # consumed whole: not even opened
+                continue
+            # one generator per shard: the in-shard order depends on the shard alone
+            rng = np.random.default_rng([self.seed, self.epoch, shard, 1])
+            raw = _shuffled(_tar_samples(self.urls[shard]), self.shuffle_buffer, rng)
+            for sample in itertools.islice(raw, skip_samples, None):
+                yield decode_conversation(sample)
+            skip_samples = 0
+
+    def __iter__(self) -> Iterator[tuple[dict[str, Any], Image.Image | None]]:
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        streams = self.worker_shards(num_workers)
+        sizes = [sum(self.counts[s] for s in shards) for shards in streams]
+        batches = [_n_batches(n, self.batch_size, self.drop_last) for n in sizes]
+        consumed, order = _resume_plan(batches, self.skip_batches)
+        if worker >= len(order):
+            return  # every stream this worker could take is exhausted
+        stream = order[worker]
+        yield from self._stream(streams[stream], consumed[stream] * self.batch_size)
+
+
+def conversation_dataset(
+    shard_dir: Path,
+    *,
+    rank: int,
+    world_size: int,
+    seed: int,
+    epoch: int = 0,
+    shuffle_buffer: int = 0,
+    skip_batches: int = 0,
+    batch_size: int = 1,
+    drop_last: bool = False,
+) -> ConversationShards:
+    """Training shards as an IterableDataset of (conversation record, RGB image or None).
+
+    Each epoch all ranks draw the same seeded permutation of the shards; rank r reads every
+    ``world_size``-th shard from position r (``rank_shards``), and its DataLoader workers split
+    those round-robin. So ranks x workers see every sample exactly once per epoch, and the
+    stream is a function of (seed, epoch, rank, world_size, num_workers) only. Every worker must
+    get a shard (else iteration raises ValueError). ``shuffle_buffer`` > 1 shuffles within each
+    shard through a buffer of that many samples, seeded by (seed, epoch, shard).
+
+    Resuming: with ``skip_batches`` = batches the rank's DataLoader already yielded this epoch,
+    and that loader's ``batch_size`` (per worker; 1 when it yields single samples) and
+    ``drop_last``, a fresh DataLoader with the same ``num_workers`` yields exactly the rest of
+    the original sequence; consumed shards are not even opened. Ranks can hold different sample
+    counts (``samples_per_rank``, ``batches_per_rank``). Samples hold PIL images: use a
+    ``collate_fn`` that accepts them.
+    """
+    return ConversationShards(
+        shard_dir,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        epoch=epoch,
+        shuffle_buffer=shuffle_buffer,
+        skip_batches=skip_batches,
+        batch_size=batch_size,
+        drop_last=drop_last,
+    )
+
+
+def samples_per_rank(shard_dir: Path, *, world_size: int, seed: int, epoch: int) -> list[int]:
+    """Samples each rank reads in ``epoch`` (ranks differ when shard sizes or counts do)."""
+    counts = [s["count"] for s in read_index(shard_dir)["shards"]]
+    return [
+        sum(
+            counts[i]
+            for i in rank_shards(len(counts), rank=r, world_size=world_size, seed=seed, epoch=epoch)
+        )
+        for r in range(world_size)
+    ]
+
+
+def batches_per_rank(
+    shard_dir: Path,
+    *,
+    world_size: int,
+    seed: int,
+    epoch: int,
+    num_workers: int,
+    batch_size: int,
+    drop_last: bool = False,
+) -> list[int]:
+    """Batches each rank's DataLoader yields in ``epoch`` (workers batch their own streams).
+
+    Distributed training must step every rank the same number of times: take the minimum.
+    """
+    counts = [s["count"] for s in read_index(shard_dir)["shards"]]
+    workers = max(num_workers, 1)  # num_workers=0 reads in the main process: one stream
+    out = []
+    for r in range(world_size):
+        mine = rank_shards(len(counts), rank=r, world_size=world_size, seed=seed, epoch=epoch)
+        sizes = [sum(counts[i] for i in mine[w::workers]) for w in range(workers)]
+        out.append(sum(_n_batches(n, batch_size, drop_last) for n in sizes))
+    return out

@@ -1,0 +1,85 @@
+"""Wall time and peak memory of the embedded demo, from scratch, on this machine.
+
+    python bench/demo_run.py [TARGET ...]      (default target: all)
+
+Runs `snakemake --profile profiles/demo` in a fresh temporary working directory and reports the
+wall time and the peak resident memory of the largest job process (getrusage of the children).
+Results go to BENCHMARKS.md by hand, with the machine they were measured on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def demo_config(workdir: Path) -> Path:
+    """config/demo.yaml with repository-relative paths made absolute."""
+    cfg = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    for model in cfg["clip_models"].values():
+        source = model["source"]
+        if source["type"] == "random_init":
+            source["model_config"] = str(ROOT / source["model_config"])
+    path = workdir / "demo.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("targets", nargs="*", default=["all"])
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="fgvlm-demo-") as tmp:
+        workdir = Path(tmp)
+        cmd = [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--snakefile",
+            str(ROOT / "Snakefile"),
+            "--directory",
+            str(workdir),
+            "--profile",
+            str(ROOT / "profiles" / "demo"),
+            "--configfile",
+            str(demo_config(workdir)),
+            "--quiet",
+            "all",
+            *args.targets,
+        ]
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=workdir)
+        wall = time.perf_counter() - start
+        no_op_start = time.perf_counter()
+        subprocess.run([*cmd, "-n"], check=True, cwd=workdir, capture_output=True)
+        no_op = time.perf_counter() - no_op_start
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    print(
+        json.dumps(
+            {
+                "targets": args.targets,
+                "wall_s": round(wall, 1),
+                "noop_dry_run_s": round(no_op, 1),
+                "peak_rss_mb": round(peak_kb / 1024),
+                "cpus": os.cpu_count(),
+                "machine": platform.machine(),
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

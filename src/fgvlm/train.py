@@ -1,0 +1,425 @@
+"""One training loop for every stage of the paper (Appendix C), from one CPU process to 16 GPUs.
+
+A recipe (``config.recipes``, merged with a row's overrides) says which weights learn and when:
+
+- ``pretrain`` + ``connector``: connector only (lr 1e-3), LLM and vision tower frozen;
+- ``pretrain`` + ``full``: connector only for the first ``connector_only_fraction`` (20%) of the
+  steps, then the LLM too (lr 2e-5) for the rest;
+- ``finetune`` + ``full``: connector and LLM (lr 2e-5);
+- ``finetune`` + ``llm``: the LLM only (the Qwen2-VL architecture row).
+
+The vision tower is always frozen. Schedules are cosine with linear warmup (``warmup_ratio``);
+a group that starts late (the LLM after the connector-only phase) warms up from its start.
+Gradient accumulation is global batch / (world size x per-device batch). Checkpoints every
+``checkpoint_every`` steps hold the trainable weights, optimizer, scheduler, data position and
+RNG state, so a killed job resumes where it stopped and ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fgvlm import io
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "step-"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Which weights learn, at which learning rates, for how long (``config.recipes.<name>``)."""
+
+    stage: str
+    updating: str
+    global_batch: int
+    epochs: float = 1.0
+    connector_lr: float | None = None
+    llm_lr: float | None = None
+    connector_only_fraction: float = 0.0
+    per_device_batch: int | None = None
+    max_steps: int | None = None
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+    @classmethod
+    def from_config(cls, recipe: dict) -> Recipe:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(recipe) - known)
+        if unknown:
+            raise ValueError(f"recipe: unknown fields {unknown}")
+        made = cls(**recipe)
+        made.check()
+        return made
+
+    def check(self) -> None:
+        if self.updating not in ("connector", "full", "llm"):
+            raise ValueError(f"recipe.updating: {self.updating!r} is not connector, full or llm")
+        if self.updating in ("connector", "full") and self.connector_lr is None:
+            raise ValueError(f"recipe: updating {self.updating!r} needs connector_lr")
+        if self.updating in ("full", "llm") and self.llm_lr is None:
+            raise ValueError(f"recipe: updating {self.updating!r} needs llm_lr")
+        if not 0.0 <= self.connector_only_fraction < 1.0:
+            raise ValueError("recipe.connector_only_fraction must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The run's arithmetic, fixed before the first step."""
+
+    world_size: int
+    per_device_batch: int
+    grad_accum: int
+    steps_per_epoch: int
+    total_steps: int
+    llm_start_step: int  # first optimizer step at which the LLM learns (total_steps: never)
+
+
+def make_plan(recipe: Recipe, n_samples: int, world_size: int) -> Plan:
+    """Per-device batch, accumulation and step counts; errors say which number does not divide."""
+    per_device = recipe.per_device_batch or max(1, min(16, recipe.global_batch // world_size))
+    if recipe.global_batch % (world_size * per_device):
+        raise ValueError(
+            f"global batch {recipe.global_batch} is not a multiple of world size {world_size} x "
+            f"per-device batch {per_device}"
+        )
+    grad_accum = recipe.global_batch // (world_size * per_device)
+    steps_per_epoch = n_samples // recipe.global_batch
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"{n_samples} training samples are fewer than one global batch ({recipe.global_batch})"
+        )
+    total = recipe.max_steps or max(1, math.ceil(recipe.epochs * steps_per_epoch))
+    if recipe.updating == "connector":
+        llm_start = total
+    elif recipe.updating == "full":
+        llm_start = int(round(recipe.connector_only_fraction * total))
+    else:
+        llm_start = 0
+    return Plan(world_size, per_device, grad_accum, steps_per_epoch, total, llm_start)
+
+
+def lr_factor(step: int, start: int, total: int, warmup_ratio: float) -> float:
+    """Cosine decay with linear warmup over the steps [start, total); 0 before ``start``."""
+    if step < start:
+        return 0.0
+    span = max(1, total - start)
+    warmup = max(1, math.ceil(warmup_ratio * span)) if warmup_ratio > 0 else 0
+    done = step - start
+    if done < warmup:
+        return (done + 1) / warmup
+    progress = (done - warmup) / max(1, span - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def trainable_groups(model: Any, recipe: Recipe) -> list[dict]:
+    """Optimizer parameter groups; sets ``requires_grad`` for the run's first phase.
+
+    The LLM of a ``full`` pretraining sits in the optimizer from the start but has no gradient
+    until its start step, so AdamW leaves it bit-identical until then.
+    """
+    groups = model.parameter_groups()
+    for param in groups["vision"]:
+        param.requires_grad_(False)
+    learns_connector = recipe.updating in ("connector", "full")
+    learns_llm = recipe.updating in ("full", "llm")
+    for param in groups["connector"]:
+        param.requires_grad_(learns_connector)
+    for param in groups["llm"]:
+        param.requires_grad_(False)  # switched on at plan.llm_start_step
+    out = []
+    if learns_connector:
+        out.append({"params": groups["connector"], "lr": recipe.connector_lr, "name": "connector"})
+    if learns_llm:
+        out.append({"params": groups["llm"], "lr": recipe.llm_lr, "name": "llm"})
+    return out
+
+
+def set_llm_trainable(model: Any, trainable: bool) -> None:
+    for param in model.parameter_groups()["llm"]:
+        param.requires_grad_(trainable)
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    names = {id(p) for group in ("connector", "llm") for p in model.parameter_groups()[group]}
+    return {
+        name: param.detach().cpu().contiguous()
+        for name, param in model.named_parameters()
+        if id(param) in names
+    }
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = state
+    return tensors, {"python": random.getstate()}
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], other: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, state, gauss = other["python"]
+    random.setstate((version, tuple(state), gauss))
+
+
+def save_checkpoint(
+    state_dir: Path, step: int, model: Any, optimizer, scheduler, position: dict, rank: int = 0
+) -> Path:
+    """Write ``state_dir/step-NNNNNNNN/`` atomically; keep only the newest two checkpoints."""
+    target = state_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
+    with io.atomic_path(target, is_dir=True) as tmp:
+        if rank == 0:
+            save_file(_trainable_state(model), tmp / "trainable.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        rng_tensors, rng_other = _rng_state()
+        save_file(rng_tensors, tmp / f"rng-rank{rank}.safetensors")
+        (tmp / f"rng-rank{rank}.json").write_text(json.dumps(rng_other))
+        (tmp / "position.json").write_text(json.dumps({**position, "step": step}))
+    for old in sorted(state_dir.glob(f"{CHECKPOINT_PREFIX}*"))[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def latest_checkpoint(state_dir: Path) -> Path | None:
+    """The newest complete checkpoint (temp folders of a killed save are never matched)."""
+    found = sorted(p for p in state_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, model: Any, optimizer, scheduler, rank: int = 0) -> dict:
+    """Restore weights, optimizer, scheduler and RNG from ``path``; return the data position."""
+    state = load_file(path / "trainable.safetensors")
+    missing = set(_trainable_state(model)) - set(state)
+    if missing:
+        raise ValueError(
+            f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}"
+        )
+    model.load_state_dict(state, strict=False)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rank_file = path / f"rng-rank{rank}.safetensors"
+    if rank_file.exists():
+        _set_rng_state(
+            load_file(rank_file), json.loads((path / f"rng-rank{rank}.json").read_text())
+        )
+    return json.loads((path / "position.json").read_text())
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+class _Stop:
+    """SIGTERM (SLURM's warning before a kill) asks the loop to checkpoint and exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum, frame) -> None:  # noqa: ARG002
+        self.requested = True
+
+
+class Preempted(RuntimeError):
+    """Raised after a checkpoint was written in answer to SIGTERM; rerun to resume."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    final_loss: float
+    resumed_from: int
+
+
+def train(
+    model: Any,
+    batches: Callable[[int, int], Iterator[dict]],
+    recipe: Recipe,
+    plan: Plan,
+    state_dir: Path,
+    *,
+    seed: int,
+    checkpoint_every: int = 50,
+    accelerator=None,
+    log_path: Path | None = None,
+    flops_per_token: float | None = None,
+    peak_flops: float | None = None,
+    on_step: Callable[[int, Any], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` (a VLM with ``parameter_groups()``) by ``recipe`` / ``plan``.
+
+    ``batches(epoch, skip)`` yields this rank's micro-batches of one epoch (dicts for
+    ``model(**batch)``), skipping the first ``skip`` (already consumed before a resume).
+    Resumes from the newest checkpoint in ``state_dir`` if there is one. ``on_step(step, model)``
+    is called after every optimizer step (observation only).
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    accelerator = accelerator or Accelerator(gradient_accumulation_steps=plan.grad_accum)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    groups = trainable_groups(model, recipe)
+    optimizer = torch.optim.AdamW(groups, weight_decay=recipe.weight_decay)
+    starts = [plan.llm_start_step if g["name"] == "llm" else 0 for g in groups]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        [
+            (lambda s, st=st: lr_factor(s, st, plan.total_steps, recipe.warmup_ratio))
+            for st in starts
+        ],
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state_dir.mkdir(parents=True, exist_ok=True)
+
+    step, micro_in_epoch, epoch, resumed = 0, 0, 0, 0
+    checkpoint = latest_checkpoint(state_dir)
+    if checkpoint is not None:
+        position = load_checkpoint(
+            checkpoint,
+            accelerator.unwrap_model(model),
+            optimizer,
+            scheduler,
+            accelerator.process_index,
+        )
+        step, epoch, micro_in_epoch = position["step"], position["epoch"], position["micro"]
+        resumed = step
+        log.info(
+            "resuming %s at step %d (epoch %d, micro-batch %d)",
+            checkpoint,
+            step,
+            epoch,
+            micro_in_epoch,
+        )
+    if step >= plan.llm_start_step and any(g["name"] == "llm" for g in groups):
+        set_llm_trainable(accelerator.unwrap_model(model), True)  # also: llm_start_step 0
+
+    stop = _Stop()
+    previous = signal.signal(signal.SIGTERM, stop)
+    log_file = open(log_path, "a") if log_path else None  # noqa: SIM115
+    bar = tqdm(
+        total=plan.total_steps,
+        initial=step,
+        desc=recipe.stage,
+        unit="step",
+        disable=not accelerator.is_main_process,
+    )
+    started, tokens, last_loss, micro_losses = time.perf_counter(), 0, float("nan"), []
+    micro_per_epoch = plan.steps_per_epoch * plan.grad_accum
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    try:
+        model.train()
+        while step < plan.total_steps:
+            consumed = 0
+            for batch in batches(epoch, micro_in_epoch):
+                consumed += 1
+                with accelerator.accumulate(model):
+                    out = model(**batch)
+                    accelerator.backward(out.loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(trainable, recipe.max_grad_norm)
+                        scheduler_due = True
+                    else:
+                        scheduler_due = False
+                    optimizer.step()  # a no-op until the accumulation cycle completes
+                    optimizer.zero_grad(set_to_none=True)
+                micro_in_epoch += 1
+                tokens += int(batch["attention_mask"].sum())
+                micro_losses.append(float(out.loss.detach()))
+                if not scheduler_due:
+                    continue
+                scheduler.step()
+                step += 1
+                last_loss, micro_losses = sum(micro_losses) / len(micro_losses), []
+                if step == plan.llm_start_step and any(g["name"] == "llm" for g in groups):
+                    set_llm_trainable(accelerator.unwrap_model(model), True)
+                    log.info("step %d: the LLM is unfrozen", step)
+                _log_step(
+                    log_file,
+                    accelerator,
+                    step,
+                    epoch,
+                    last_loss,
+                    optimizer,
+                    tokens,
+                    time.perf_counter() - started,
+                    flops_per_token,
+                    peak_flops,
+                )
+                if on_step is not None:
+                    on_step(step, accelerator.unwrap_model(model))
+                bar.set_postfix(loss=f"{last_loss:.3f}")
+                bar.update(1)
+                end_of_epoch = micro_in_epoch >= micro_per_epoch
+                if end_of_epoch:
+                    epoch, micro_in_epoch = epoch + 1, 0
+                if step % checkpoint_every == 0 or stop.requested or step == plan.total_steps:
+                    position = {"epoch": epoch, "micro": micro_in_epoch}
+                    save_checkpoint(
+                        state_dir,
+                        step,
+                        accelerator.unwrap_model(model),
+                        optimizer,
+                        scheduler,
+                        position,
+                        accelerator.process_index,
+                    )
+                if stop.requested:
+                    raise Preempted(f"SIGTERM: checkpointed step {step} in {state_dir}; rerun")
+                if step >= plan.total_steps or end_of_epoch:
+                    break
+            else:
+                # this rank's stream ended before the planned micro-batches of the epoch
+                raise ValueError(
+                    f"epoch {epoch} gave {micro_in_epoch} micro-batches ({consumed} after the "
+                    f"resume point), fewer than the planned {micro_per_epoch}: the training "
+                    "stream is shorter than the plan (shards split unevenly across ranks?)"
+                )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        bar.close()
+        if log_file:
+            log_file.close()
+    return TrainResult(step, time.perf_counter() - started, last_loss, resumed)
+
+
+def _log_step(log_file, accelerator, step, epoch, loss, optimizer, tokens, elapsed, fpt, peak):
+    """One JSON line per optimizer step: loss, learning rates, tokens/s and (with peak FLOPs) MFU."""
+    if not (log_file and accelerator.is_main_process):
+        return
+    record = {
+        "step": step,
+        "epoch": epoch,
+        "loss": loss,
+        "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
+        "tokens_per_s": tokens / elapsed if elapsed else None,
+        "mfu": fpt * tokens / elapsed / peak if (fpt and peak and elapsed) else None,
+    }
+    log_file.write(json.dumps(record) + "\n")
+    log_file.flush()
+
+
+def plan_summary(plan: Plan, recipe: Recipe) -> dict:
+    return {"plan": asdict(plan), "recipe": asdict(recipe), "pid": os.getpid()}

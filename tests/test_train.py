@@ -1,0 +1,157 @@
+"""The training loop's recipes: which weights learn and when; schedules; checkpoints."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from fgvlm.train import Recipe, latest_checkpoint, lr_factor, make_plan, train
+
+
+class FakeVLM(nn.Module):
+    """vision -> connector -> llm, with the VLM's parameter_groups() interface."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.vision = nn.Linear(4, 4)
+        self.connector = nn.Linear(4, 4)
+        self.llm = nn.Linear(4, 1)
+
+    def parameter_groups(self) -> dict:
+        return {
+            "vision": list(self.vision.parameters()),
+            "connector": list(self.connector.parameters()),
+            "llm": list(self.llm.parameters()),
+        }
+
+    def forward(self, inputs, targets, attention_mask):
+        pred = self.llm(torch.tanh(self.connector(self.vision(inputs))))
+        return SimpleNamespace(loss=nn.functional.mse_loss(pred.squeeze(-1), targets))
+
+
+def make_batches(n_micro: int, batch: int = 2):
+    gen = torch.Generator().manual_seed(123)
+    data = [
+        {
+            "inputs": torch.randn(batch, 4, generator=gen),
+            "targets": torch.randn(batch, generator=gen),
+            "attention_mask": torch.ones(batch, 3, dtype=torch.long),
+        }
+        for _ in range(n_micro)
+    ]
+
+    def batches(epoch: int, skip: int):
+        yield from data[skip:]
+
+    return batches
+
+
+def snapshot(model: FakeVLM) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def changed(before: dict, after: dict, prefix: str) -> bool:
+    return any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix))
+
+
+RECIPES = {
+    "connector": dict(stage="pretrain", updating="connector", connector_lr=1e-2, global_batch=4),
+    "full": dict(
+        stage="pretrain",
+        updating="full",
+        connector_lr=1e-2,
+        llm_lr=1e-2,
+        connector_only_fraction=0.2,
+        global_batch=4,
+    ),
+    "llm": dict(stage="finetune", updating="llm", llm_lr=1e-2, global_batch=4),
+}
+
+
+def run(tmp_path, updating: str, steps: int = 10, stop_at: int | None = None, **kw):
+    recipe = Recipe.from_config({**RECIPES[updating], "per_device_batch": 2, "max_steps": steps})
+    plan = make_plan(recipe, n_samples=4 * steps, world_size=1)
+    model = FakeVLM()
+    history = [snapshot(model)]
+
+    def observe(step, m):
+        history.append(snapshot(m))
+        if step == stop_at:
+            raise KeyboardInterrupt  # a job killed right after this step
+
+    result = train(
+        model,
+        make_batches(steps * plan.grad_accum),
+        recipe,
+        plan,
+        tmp_path / "state",
+        seed=0,
+        on_step=observe,
+        **kw,
+    )
+    return model, plan, history, result
+
+
+def test_plan_derives_accumulation_and_rejects_bad_batches():
+    recipe = Recipe.from_config(dict(RECIPES["full"], global_batch=256, per_device_batch=4))
+    plan = make_plan(recipe, n_samples=558_128, world_size=16)
+    assert (plan.grad_accum, plan.steps_per_epoch, plan.total_steps) == (4, 2180, 2180)
+    assert plan.llm_start_step == 436  # 20% connector-only warmup
+    with pytest.raises(ValueError, match="not a multiple of world size 16 x per-device batch 6"):
+        make_plan(
+            Recipe.from_config(dict(RECIPES["full"], global_batch=256, per_device_batch=6)),
+            10**6,
+            16,
+        )
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        make_plan(recipe, n_samples=100, world_size=1)
+    with pytest.raises(ValueError, match="unknown fields"):
+        Recipe.from_config({**RECIPES["connector"], "lr": 1})
+
+
+def test_connector_only_changes_only_the_connector(tmp_path):
+    model, plan, history, result = run(tmp_path, "connector")
+    assert plan.grad_accum == 2 and result.steps == 10
+    assert changed(history[0], history[-1], "connector")
+    assert not changed(history[0], history[-1], "llm")
+    assert not changed(history[0], history[-1], "vision")
+
+
+def test_full_keeps_the_llm_frozen_for_the_first_20_percent(tmp_path):
+    model, plan, history, _ = run(tmp_path, "full", steps=10)
+    assert plan.llm_start_step == 2
+    for step in range(plan.llm_start_step + 1):
+        assert not changed(history[0], history[step], "llm"), step
+    assert changed(history[0], history[plan.llm_start_step + 1], "llm")
+    assert changed(history[0], history[1], "connector")
+    assert not changed(history[0], history[-1], "vision")
+
+
+def test_llm_only_recipe(tmp_path):
+    _, _, history, _ = run(tmp_path, "llm")
+    assert changed(history[0], history[1], "llm")
+    assert not changed(history[0], history[-1], "connector")
+
+
+def test_resume_from_a_checkpoint_gives_identical_weights(tmp_path):
+    full, _, _, _ = run(tmp_path / "a", "full", steps=10)
+    # a run killed after step 7 (newest checkpoint: step 6), then a rerun that resumes there
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", "full", steps=10, checkpoint_every=3, stop_at=7)
+    assert latest_checkpoint(tmp_path / "b" / "state").name == "step-00000006"
+    resumed, _, _, result = run(tmp_path / "b", "full", steps=10, checkpoint_every=3)
+    assert result.resumed_from == 6
+    for key, value in full.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_lr_schedule_warms_up_then_decays():
+    factors = [lr_factor(s, 0, 100, 0.03) for s in range(100)]
+    assert factors[0] == pytest.approx(1 / 3) and factors[2] == 1.0
+    assert factors[50] < factors[10] and factors[-1] < 0.01
+    assert lr_factor(5, 20, 100, 0.03) == 0.0  # before a late group's start
+    assert lr_factor(20, 20, 100, 0.03) == pytest.approx(1 / 3)
