@@ -7,6 +7,7 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/models.smk"
 include: "rules/questions.smk"
+include: "rules/train.smk"
 include: "rules/eval.smk"
 
 

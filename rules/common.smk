@@ -57,3 +57,64 @@ def clip_source_inputs(wildcards):
     """A randomly initialised CLIP depends on its model-config file."""
     source = config["clip_models"][wildcards.clip]["source"]
     return [source["model_config"]] if source["type"] == "random_init" else []
+
+
+# --- training ---------------------------------------------------------------------------------
+
+PRETRAIN_JOBS = fc.pretrain_jobs(config)
+TRAINED_RUNS = [row["name"] for row in fc.trained_rows(config)]
+ROWS = {row["name"]: row for row in config.get("ablations") or []}
+
+
+wildcard_constraints:
+    pretrain_key="|".join(PRETRAIN_JOBS) or "NONE",
+    run="|".join(TRAINED_RUNS) or "NONE",
+    llm="|".join(config.get("llms") or {}) or "NONE",
+    base="|".join(config.get("base_vlms") or {}) or "NONE",
+    data="|".join(config.get("train_data") or {}) or "NONE",
+
+
+def world_dirs(worlds):
+    return [f"data/synthetic/{w}" for w in worlds]
+
+
+def llm_inputs(wildcards):
+    """A tiny LLM is pre-trained on the text of every synthetic world."""
+    source = config["llms"][wildcards.llm]["source"]
+    return world_dirs(WORLDS) if source["type"] == "tiny" else []
+
+
+def base_inputs(wildcards):
+    source = config["base_vlms"][wildcards.base]["source"]
+    if source["type"] == "tiny_qwen2_vl":
+        return {"text_model": f"models/llm/{source['text_model']}"}
+    return {}
+
+
+def train_data_inputs(wildcards):
+    source = config["train_data"][wildcards.data]["source"]
+    return world_dirs(source.get("worlds", []))
+
+
+def pretrain_inputs(wildcards):
+    spec = PRETRAIN_JOBS[wildcards.pretrain_key]
+    return {
+        "clip": clip_dir(fc.encoder_clip(config, spec["encoder"])),
+        "llm": f"models/llm/{spec['llm']}",
+        "data": f"shards/train/{spec['data']}",
+    }
+
+
+def finetune_inputs(wildcards):
+    row = ROWS[wildcards.run]
+    spec = fc.finetune_spec(config, row)
+    inputs = {"data": f"shards/train/{spec['data']}"}
+    if row["arch"] == "qwen2_vl":
+        inputs["base"] = f"models/base/{row['base']}"
+        return inputs
+    inputs["clip"] = clip_dir(fc.encoder_clip(config, row["vision_encoder"]))
+    inputs["llm"] = f"models/llm/{row['llm']}"
+    key = fc.pretrain_key_of(config, row)
+    if key is not None:
+        inputs["init"] = f"runs/{key}/pretrain"
+    return inputs

@@ -67,6 +67,10 @@ CASES = [
     ("ASSISTANT: D", FLOWERS, "D"),
     ("Clearly, C.", FLOWERS, "C"),
     ("It is not A. It is D.", FLOWERS, "D"),
+    ("The flower in the photo is most likely a rose (B).", FLOWERS, "B"),
+    ("B\nA tulip has cupped petals, but this one has thorns.", FLOWERS, "B"),
+    ("A, because the petals are cupped.", FLOWERS, "A"),
+    ("A is correct", FLOWERS, "A"),
     # words that start with or are option letters: never read as letters
     ("A photo of a daisy.", FLOWERS, "C"),
     ("a photo of a daisy", FLOWERS, "C"),
@@ -77,9 +81,10 @@ CASES = [
     ("Clearly, it is an orchid.", FLOWERS, "E"),
     ("Daisy", FLOWERS, "C"),
     ("Echinacea", FLOWERS, None),
+    ("The answer is e.g. a daisy", FLOWERS, "C"),  # "e.g." is no letter E
     ("the answer is a daisy", FLOWERS, "C"),
     ("Answer: A daisy", FLOWERS, "C"),
-    ("I think it is a sunflower.", NINE + [], None),  # "I" the pronoun, no option text
+    ("I think it is a sunflower.", NINE, None),  # "I" the pronoun, no option text
     ("I", NINE, "I"),
     ("The answer is I.", NINE, "I"),
     # option text only
@@ -99,6 +104,8 @@ CASES = [
     # two answers, contradictions, refusals: None, never a guess
     ("Answer: B or C", FLOWERS, None),
     ("Option B, C", FLOWERS, None),
+    ("A or B", FLOWERS, None),
+    ("Hmm, A or B", FLOWERS, None),
     ("B. rose\nThe answer is D.", FLOWERS, None),
     ("B. daisy", FLOWERS, None),  # letter B but option C's text
     ("A. desert-rose", ROSES, None),

@@ -74,7 +74,7 @@ RECIPES = {
 
 def run(tmp_path, updating: str, steps: int = 10, stop_at: int | None = None, **kw):
     recipe = Recipe.from_config({**RECIPES[updating], "per_device_batch": 2, "max_steps": steps})
-    plan = make_plan(recipe, n_samples=4 * steps, world_size=1)
+    plan = make_plan(recipe, 1, n_samples=4 * steps)
     model = FakeVLM()
     history = [snapshot(model)]
 
@@ -98,17 +98,17 @@ def run(tmp_path, updating: str, steps: int = 10, stop_at: int | None = None, **
 
 def test_plan_derives_accumulation_and_rejects_bad_batches():
     recipe = Recipe.from_config(dict(RECIPES["full"], global_batch=256, per_device_batch=4))
-    plan = make_plan(recipe, n_samples=558_128, world_size=16)
+    plan = make_plan(recipe, 16, n_samples=558_128)
     assert (plan.grad_accum, plan.steps_per_epoch, plan.total_steps) == (4, 2180, 2180)
     assert plan.llm_start_step == 436  # 20% connector-only warmup
     with pytest.raises(ValueError, match="not a multiple of world size 16 x per-device batch 6"):
         make_plan(
             Recipe.from_config(dict(RECIPES["full"], global_batch=256, per_device_batch=6)),
-            10**6,
             16,
+            n_samples=10**6,
         )
-    with pytest.raises(ValueError, match="fewer than one global batch"):
-        make_plan(recipe, n_samples=100, world_size=1)
+    with pytest.raises(ValueError, match="less than one global batch"):
+        make_plan(recipe, 1, n_samples=100)
     with pytest.raises(ValueError, match="unknown fields"):
         Recipe.from_config({**RECIPES["connector"], "lr": 1})
 

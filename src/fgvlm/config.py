@@ -116,6 +116,14 @@ def _check_references(config: dict) -> None:
             )
     for name, enc in (config.get("encoders") or {}).items():
         _require(enc["clip"], clips, "clip_models", f"encoders.{name}.clip")
+    for name, base in (config.get("base_vlms") or {}).items():
+        if "text_model" in base["source"]:
+            _require(
+                base["source"]["text_model"],
+                config.get("llms"),
+                "llms",
+                f"base_vlms.{name}.source.text_model",
+            )
     for name, vlm in (config.get("hub_vlms") or {}).items():
         if "clip" in vlm:
             _require(vlm["clip"], clips, "clip_models", f"hub_vlms.{name}.clip")
@@ -303,3 +311,52 @@ def factor_labels(config: dict, row: dict) -> dict[str, str]:
         "ft_data": data_label(row["ft_data"]),
         "updating": row["updating"].capitalize(),
     }
+
+
+def finetune_spec(config: dict, row: dict) -> dict:
+    """Everything a trained row's finetuning depends on (its pretraining included, by spec)."""
+    name = recipe_name(row, "finetune")
+    recipe = {**config["recipes"][name], **(row.get("recipes") or {}).get("finetune", {})}
+    spec = {
+        "run": row["name"],
+        "arch": row["arch"],
+        "data": row["ft_data"],
+        "recipe": recipe,
+        "seed": row.get("seed", config["seed"]),
+        "pretrain": pretrain_spec(config, row),
+    }
+    if row["arch"] == "qwen2_vl":
+        spec["base"] = row["base"]
+        spec["base_source"] = config["base_vlms"][row["base"]]["source"]
+    else:
+        spec["encoder"] = row["vision_encoder"]
+        spec["llm"] = row["llm"]
+        spec["template"] = config["llms"][row["llm"]]["template"]
+    return spec
+
+
+def pretrain_key_of(config: dict, row: dict) -> str | None:
+    spec = pretrain_spec(config, row)
+    return None if spec is None else pretrain_key(spec, config["seed"])
+
+
+def trained_llms(config: dict) -> list[str]:
+    """LLMs some trained LLaVA-architecture row needs."""
+    rows = [r for r in trained_rows(config) if r["arch"] == "llava"]
+    return list(dict.fromkeys(r["llm"] for r in rows))
+
+
+def trained_bases(config: dict) -> list[str]:
+    return list(dict.fromkeys(r["base"] for r in trained_rows(config) if r["arch"] == "qwen2_vl"))
+
+
+def train_data_names(config: dict) -> list[str]:
+    """Training data some trained row uses."""
+    used = []
+    for row in trained_rows(config):
+        used += [v for v in (row["pt_data"], row["ft_data"]) if v not in NO_DATA]
+    return list(dict.fromkeys(used))
+
+
+def encoder_clip(config: dict, encoder: str) -> str:
+    return config["encoders"][encoder]["clip"]

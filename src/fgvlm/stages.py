@@ -236,3 +236,129 @@ def vqa_benchmark(source: dict, out_path: str | Path) -> None:
         download_file(source["url"], Path(out_path), md5=source["md5"])
     else:
         raise ValueError(f"VQA source type {source['type']!r} is not supported")
+
+
+# --- training (issue 3) ------------------------------------------------------------------------
+
+
+def world_corpus(world_dirs: list[str | Path]) -> list[str]:
+    """Text of the synthetic worlds (captions of both qualities, instruction turns) for tiny LMs."""
+    lines: list[str] = []
+    for world in map(Path, world_dirs):
+        for row in _jsonl(world / "captions.jsonl"):
+            lines += [row["short"], row["long"]]
+        for row in _jsonl(world / "instructions.jsonl"):
+            lines += [turn["value"].replace("<image>", "").strip() for turn in row["conversations"]]
+    return [line for line in lines if line]
+
+
+def _jsonl(path: Path) -> list[dict]:
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def materialize_llm(source: dict, out_dir: str | Path, *, world_dirs: list[str | Path]) -> dict:
+    """Fetch a released LLM, or create a tiny one pre-trained on the worlds' text."""
+    from fgvlm.models import llm
+
+    if source["type"] == "hub":
+        llm.fetch_llm(source["repo"], source.get("revision", "main"), Path(out_dir))
+        return {"repo": source["repo"]}
+    if source["type"] == "tiny":
+        return llm.materialize_tiny_llm(
+            Path(out_dir),
+            family=source["family"],
+            corpus=world_corpus(world_dirs),
+            seed=source["seed"],
+            hidden_size=source.get("hidden_size", 96),
+            layers=source.get("layers", 2),
+            text_pretrain_steps=source.get("text_pretrain_steps", 300),
+        )
+    raise ValueError(f"LLM source type {source['type']!r} is not supported")
+
+
+def training_samples(source: dict, *, raw_dir: str | Path, world_dirs: list[str | Path]):
+    """(record, image) pairs of one training-data source, in a fixed order."""
+    from fgvlm.data import conversations
+
+    kind = source["type"]
+    if kind == "synthetic_captions":
+        for world in world_dirs:
+            yield from conversations.read_synthetic_captions(Path(world), source["quality"])
+    elif kind == "synthetic_instructions":
+        for world in world_dirs:
+            yield from conversations.read_synthetic_instructions(Path(world))
+    else:
+        yield from conversations.read_training_source(source, Path(raw_dir))
+
+
+def shard_train_data(
+    source: dict,
+    out_dir: str | Path,
+    *,
+    raw_dir: str | Path,
+    world_dirs: list[str | Path],
+    samples_per_shard: int,
+) -> dict:
+    """Write one training-data source as conversation shards."""
+    from fgvlm.data.shards import write_conversation_shards
+
+    samples = training_samples(source, raw_dir=raw_dir, world_dirs=world_dirs)
+    return write_conversation_shards(samples, Path(out_dir), samples_per_shard=samples_per_shard)
+
+
+def materialize_base_vlm(
+    source: dict, out_dir: str | Path, *, text_model_dir: str | Path | None = None
+) -> None:
+    """Fetch a base VLM (Qwen2-VL base), or build the demo's tiny transformers-native one."""
+    from fgvlm.models import hub
+
+    if source["type"] == "hub":
+        hub.fetch_hub_vlm(source["repo"], source.get("revision", "main"), Path(out_dir))
+    elif source["type"] == "tiny_qwen2_vl":
+        hub.materialize_tiny_hub_vlm(
+            "qwen2_vl",
+            Path(out_dir),
+            tokenizer_dir=Path(text_model_dir),
+            seed=source["seed"],
+            text_model_dir=Path(text_model_dir),
+        )
+    else:
+        raise ValueError(f"base VLM source type {source['type']!r} is not supported")
+
+
+def train_stage(
+    spec: dict,
+    out_dir: str | Path,
+    *,
+    state_dir: str | Path,
+    data_dir: str | Path,
+    clip_dir: str | Path | None = None,
+    llm_dir: str | Path | None = None,
+    init_dir: str | Path | None = None,
+    base_dir: str | Path | None = None,
+    device: str = "cpu",
+    checkpoint_every: int = 500,
+    dataloader_workers: int = 0,
+) -> dict:
+    """Pretrain or finetune one model (``spec``: ``fgvlm.config.pretrain_spec``/``finetune_spec``).
+
+    The model starts from ``init_dir`` (a pretraining checkpoint), from ``base_dir`` (a whole
+    base VLM, the Qwen2-VL row) or from the vision tower and LLM; it is saved to ``out_dir``
+    at the end. Resumable state lives in ``state_dir`` (outside the rule's declared output).
+    """
+    from fgvlm.train import run_training
+
+    return run_training(
+        spec,
+        Path(out_dir),
+        state_dir=Path(state_dir),
+        data_dir=Path(data_dir),
+        clip_dir=Path(clip_dir) if clip_dir else None,
+        llm_dir=Path(llm_dir) if llm_dir else None,
+        init_dir=Path(init_dir) if init_dir else None,
+        base_dir=Path(base_dir) if base_dir else None,
+        device=device,
+        checkpoint_every=checkpoint_every,
+        dataloader_workers=dataloader_workers,
+    )

@@ -54,6 +54,7 @@ class Recipe:
     per_device_batch: int | None = None
     max_steps: int | None = None
     warmup_ratio: float = 0.03
+    max_length: int | None = None
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
 
@@ -90,19 +91,44 @@ class Plan:
     llm_start_step: int  # first optimizer step at which the LLM learns (total_steps: never)
 
 
-def make_plan(recipe: Recipe, n_samples: int, world_size: int) -> Plan:
-    """Per-device batch, accumulation and step counts; errors say which number does not divide."""
-    per_device = recipe.per_device_batch or max(1, min(16, recipe.global_batch // world_size))
+def per_device_batch(recipe: Recipe, world_size: int) -> int:
+    """The recipe's per-device batch, or the largest one up to 16 that divides the global batch."""
+    if recipe.per_device_batch:
+        return recipe.per_device_batch
+    per_device = max(1, min(16, recipe.global_batch // world_size))
+    while recipe.global_batch % (world_size * per_device):
+        per_device -= 1
+    return per_device
+
+
+def make_plan(
+    recipe: Recipe,
+    world_size: int,
+    *,
+    n_samples: int | None = None,
+    micro_batches_per_epoch: int | None = None,
+) -> Plan:
+    """Per-device batch, accumulation and step counts; errors say which number does not divide.
+
+    ``micro_batches_per_epoch`` is what every rank can yield each epoch (the minimum over ranks
+    and epochs when shards split unevenly); without it, it is derived from ``n_samples``.
+    """
+    per_device = per_device_batch(recipe, world_size)
     if recipe.global_batch % (world_size * per_device):
         raise ValueError(
             f"global batch {recipe.global_batch} is not a multiple of world size {world_size} x "
             f"per-device batch {per_device}"
         )
     grad_accum = recipe.global_batch // (world_size * per_device)
-    steps_per_epoch = n_samples // recipe.global_batch
+    if micro_batches_per_epoch is None:
+        if n_samples is None:
+            raise ValueError("make_plan needs n_samples or micro_batches_per_epoch")
+        micro_batches_per_epoch = n_samples // (world_size * per_device)
+    steps_per_epoch = micro_batches_per_epoch // grad_accum
     if steps_per_epoch < 1:
         raise ValueError(
-            f"{n_samples} training samples are fewer than one global batch ({recipe.global_batch})"
+            f"an epoch of {micro_batches_per_epoch} micro-batches of {per_device} per rank is less "
+            f"than one global batch ({recipe.global_batch}): too few training samples"
         )
     total = recipe.max_steps or max(1, math.ceil(recipe.epochs * steps_per_epoch))
     if recipe.updating == "connector":
@@ -423,3 +449,145 @@ def _log_step(log_file, accelerator, step, epoch, loss, optimizer, tokens, elaps
 
 def plan_summary(plan: Plan, recipe: Recipe) -> dict:
     return {"plan": asdict(plan), "recipe": asdict(recipe), "pid": os.getpid()}
+
+
+# --- a stage, end to end: model + data + loop + save -------------------------------------------
+
+
+def initial_model(
+    spec: dict,
+    *,
+    clip_dir: Path | None,
+    llm_dir: Path | None,
+    init_dir: Path | None,
+    base_dir: Path | None,
+    device: str,
+):
+    """The model a stage starts from, and the chat template its data is rendered with.
+
+    Pretraining: a fresh connector on the frozen tower and the LLM, plain captions.
+    Finetuning: the pretraining checkpoint (or a fresh connector when the row skips
+    pretraining), rendered in the LLM's chat template. The Qwen2-VL row: the whole base VLM.
+    """
+    from fgvlm.models import vlm as vlm_lib
+
+    if base_dir is not None:
+        from fgvlm.models.hub import load_trainable_hub_vlm
+
+        return load_trainable_hub_vlm(base_dir, device=device)
+    template = spec.get("template", "plain")
+    if init_dir is not None:
+        model = vlm_lib.load_vlm(init_dir, device=device)
+        model.template = template
+        return model
+    if clip_dir is None or llm_dir is None:
+        raise ValueError("a LLaVA-style stage needs clip_dir and llm_dir (or init_dir)")
+    model = vlm_lib.build_vlm(clip_dir, llm_dir, template=template, seed=spec["seed"])
+    return model.to(device)
+
+
+def micro_batches_per_epoch(
+    data_dir: Path, recipe: Recipe, *, world_size: int, seed: int, workers: int
+) -> int:
+    """Micro-batches every rank can yield in every epoch of the run (ranks hold whole shards)."""
+    from fgvlm.data.shards import batches_per_rank
+
+    per_device = per_device_batch(recipe, world_size)
+    epochs = max(1, math.ceil(recipe.epochs))
+    return min(
+        min(
+            batches_per_rank(
+                data_dir,
+                world_size=world_size,
+                seed=seed,
+                epoch=epoch,
+                num_workers=workers,
+                batch_size=per_device,
+            )
+        )
+        for epoch in range(epochs)
+    )
+
+
+def run_training(
+    spec: dict,
+    out_dir: Path,
+    *,
+    state_dir: Path,
+    data_dir: Path,
+    clip_dir: Path | None = None,
+    llm_dir: Path | None = None,
+    init_dir: Path | None = None,
+    base_dir: Path | None = None,
+    device: str = "cpu",
+    checkpoint_every: int = 500,
+    dataloader_workers: int = 0,
+) -> dict:
+    """Train one stage and save the model to ``out_dir`` (see ``fgvlm.stages.train_stage``)."""
+    from accelerate import Accelerator, PartialState
+    from torch.utils.data import DataLoader
+
+    from fgvlm.data.shards import conversation_dataset
+
+    recipe = Recipe.from_config(spec["recipe"])
+    seed = spec["seed"]
+    state = PartialState(cpu=device == "cpu")
+    workers = dataloader_workers
+    micro = micro_batches_per_epoch(
+        data_dir, recipe, world_size=state.num_processes, seed=seed, workers=workers
+    )
+    plan = make_plan(recipe, state.num_processes, micro_batches_per_epoch=micro)
+    log.info("plan: %s", plan)
+    accelerator = Accelerator(
+        cpu=device == "cpu",
+        mixed_precision="bf16" if device == "cuda" else "no",
+        gradient_accumulation_steps=plan.grad_accum,
+    )
+    torch.manual_seed(seed)
+    model = initial_model(
+        spec,
+        clip_dir=clip_dir,
+        llm_dir=llm_dir,
+        init_dir=init_dir,
+        base_dir=base_dir,
+        device=str(accelerator.device),
+    )
+    collate = model.collate_fn(max_length=recipe.max_length)
+
+    def batches(epoch: int, skip: int) -> Iterator[dict]:
+        dataset = conversation_dataset(
+            data_dir,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            seed=seed,
+            epoch=epoch,
+            skip_batches=skip,
+            batch_size=plan.per_device_batch,
+        )
+        loader = DataLoader(
+            dataset, batch_size=plan.per_device_batch, collate_fn=collate, num_workers=workers
+        )
+        for batch in loader:
+            yield {
+                k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()
+            }
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    result = train(
+        model,
+        batches,
+        recipe,
+        plan,
+        state_dir,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        accelerator=accelerator,
+        log_path=state_dir / "train_log.jsonl",
+    )
+    summary = {"spec": spec, "plan": asdict(plan), "result": asdict(result)}
+    if accelerator.is_main_process:
+        log_lines = (state_dir / "train_log.jsonl").read_text().splitlines()
+        summary["log_tail"] = [json.loads(line) for line in log_lines[-5:]]
+        accelerator.unwrap_model(model).save(out_dir, extra_meta={"training": summary})
+    accelerator.wait_for_everyone()
+    return summary

@@ -22,7 +22,8 @@ Sources (paper Appendix C) and where their files come from:
   ``gqa`` (holding ``images/``), ``ocr_vqa`` (holding ``images/``, converted to .jpg as LLaVA
   does), ``textvqa`` (holding ``train_images/``), ``vg`` (holding ``VG_100K/`` and
   ``VG_100K_2/``). An annotation path ``coco/train2017/x.jpg`` resolves to
-  ``image_roots["coco"] / "train2017/x.jpg"``.
+  ``image_roots["coco"] / "train2017/x.jpg"``; a longer key such as ``coco/train2017`` may
+  point at the train2017 folder itself.
 - The demo's synthetic worlds (``fgvlm.data.synthetic.generate_world``): ``captions.jsonl`` (a short
   web-like and a long detailed caption per image) and ``instructions.jsonl``.
 """
@@ -38,7 +39,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -53,9 +54,8 @@ from fgvlm.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
-IMAGE_PLACEHOLDER = (
-    "<image>"  # fgvlm.models.templates.IMAGE_PLACEHOLDER; kept here to stay import-light
-)
+# the contract's image marker, same value as fgvlm.models.templates.IMAGE_PLACEHOLDER
+IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("human", "gpt")
 CAPTION_QUALITIES = ("short", "long")
 # allenai/pixmo-cap's parquet release (the hub's "data/" folder).
@@ -290,8 +290,10 @@ def _cached_fetch(
     return result
 
 
-def _parquet_files(parquet_path: Path) -> list[Path]:
-    """A parquet file, or every ``*.parquet`` under a folder in sorted order."""
+def _parquet_files(parquet_path: Path | Sequence[Path]) -> list[Path]:
+    """A parquet file, a list of them, or every ``*.parquet`` under a folder in sorted order."""
+    if isinstance(parquet_path, (list, tuple)):
+        return [file for path in parquet_path for file in _parquet_files(path)]
     path = Path(parquet_path)
     if path.is_dir():
         files = sorted(path.rglob("*.parquet"))
@@ -303,7 +305,7 @@ def _parquet_files(parquet_path: Path) -> list[Path]:
     return [path]
 
 
-def _read_pixmo_rows(parquet_path: Path, field: str) -> pl.DataFrame:
+def _read_pixmo_rows(parquet_path: Path | Sequence[Path], field: str) -> pl.DataFrame:
     """(image_url, caption) rows of every parquet file, in file then row order."""
     frames = []
     for file in _parquet_files(parquet_path):
@@ -316,11 +318,11 @@ def _read_pixmo_rows(parquet_path: Path, field: str) -> pl.DataFrame:
 
 
 def read_pixmo_cap(
-    parquet_path: Path,
+    parquet_path: Path | Sequence[Path],
     cache_dir: Path,
     report_path: Path,
     *,
-    fetch: Fetch = fetch_url,
+    fetch: Fetch | None = None,
     retries: int = 3,
     workers: int = 8,
     backoff: float = 1.0,
@@ -329,18 +331,20 @@ def read_pixmo_cap(
 ) -> Iterator[Sample]:
     """PixMo-Cap as plain-template caption pairs, images fetched from their URLs into a cache.
 
-    ``parquet_path``: a PixMo-Cap parquet file or a folder of them (columns ``image_url``,
-    ``caption``, ``transcripts``, ...); only ``field`` (the paper: "caption", never the audio
-    transcripts) is used. Each distinct URL is fetched once with ``fetch(url) -> bytes`` on
-    ``workers`` threads, retried ``retries`` times with exponential backoff from ``backoff`` s,
-    and cached under ``cache_dir`` by sha256(url) (``url_cache_path``); a cached image is reused
-    without network. Rows whose URL is dead or whose bytes PIL cannot decode are dropped, rows
+    ``parquet_path``: a PixMo-Cap parquet file, a list of them, or a folder of them (columns
+    ``image_url``, ``caption``, ``transcripts``, ...); only ``field`` (the paper: "caption",
+    never the audio transcripts) is used. Each distinct URL is fetched once with
+    ``fetch(url) -> bytes`` (default ``fetch_url``) on ``workers`` threads, retried ``retries``
+    times with exponential backoff from ``backoff`` s, and cached under ``cache_dir`` by
+    sha256(url) (``url_cache_path``); a cached image or failure marker is reused without
+    network (``retry_failed=True`` refetches the failures). Rows whose URL is dead or whose bytes PIL cannot decode are dropped, rows
     without a caption too. Writes ``report_path`` (JSON): {"total", "kept", "dead", "undecodable",
     "no_caption", "examples": [{"row", "url", "status", "error"}]} and returns an iterator of
     (record {"id": "pixmo-<row>", "image": url, "conversations"}, cached image path) in row order.
     """
     if retries < 0 or workers < 1:
         raise ValueError(f"read_pixmo_cap: need retries >= 0, workers >= 1 ({retries}, {workers})")
+    fetch = fetch or fetch_url  # looked up at call time: tests and callers may swap it
     rows = _read_pixmo_rows(parquet_path, field)
     urls = sorted({u for u in rows[PIXMO_URL_COLUMN].to_list() if u})
     results: dict[str, dict[str, Any]] = {}
@@ -376,17 +380,28 @@ def read_pixmo_cap(
 
 
 # ---------------------------------------------------------------- LLaVA-1.5 finetuning mix
+def _image_under_root(image: PurePosixPath, roots: dict[PurePosixPath, Path]) -> Path | None:
+    """``image`` with its longest prefix found in ``roots`` replaced by that root; else None."""
+    for n in range(len(image.parts) - 1, 0, -1):
+        root = roots.get(PurePosixPath(*image.parts[:n]))
+        if root is not None:
+            return root / PurePosixPath(*image.parts[n:])
+    return None
+
+
 def read_llava_instruct(annotations_json: Path, image_roots: dict[str, Path]) -> Iterator[Sample]:
     """LLaVA-1.5's ``llava_v1_5_mix665k.json`` (or any LLaVA-format instruction file).
 
-    Image paths like ``coco/train2017/x.jpg`` resolve through ``image_roots`` by their first
-    component (``image_roots["coco"] / "train2017/x.jpg"``); samples without "image" stay
-    text-only (image source None). Every image is checked to exist before anything is yielded:
-    an unknown root is a ValueError, a missing file a FileNotFoundError, both naming sample and
-    path. Yields (record {"id", "image"?, "conversations"}, path | None) in file order.
+    ``image_roots`` maps a leading part of the annotation's image paths to a folder that
+    replaces it, the longest matching part winning: with {"coco": "/d/coco"} the path
+    ``coco/train2017/x.jpg`` resolves to ``/d/coco/train2017/x.jpg``; with {"coco/train2017":
+    "/d/train2017"} to ``/d/train2017/x.jpg``. Samples without "image" stay text-only (image
+    source None). Every image is checked before anything is returned: an image under no root is
+    a ValueError, a missing file a FileNotFoundError, both naming sample and path. Returns an
+    iterator of (record {"id", "image"?, "conversations"}, path | None) in file order.
     """
     where = Path(annotations_json)
-    roots = {name: Path(root) for name, root in image_roots.items()}
+    roots = {PurePosixPath(prefix): Path(root) for prefix, root in image_roots.items()}
     samples: list[Sample] = []
     for index, item in enumerate(_read_json_list(where)):
         sample_id = _sample_id(item, index, where)
@@ -394,14 +409,13 @@ def read_llava_instruct(annotations_json: Path, image_roots: dict[str, Path]) ->
         source = None
         if item.get("image") is not None:
             image = _relative_image(item["image"], sample_id, where)
-            head, rest = image.parts[0], PurePosixPath(*image.parts[1:])
-            if head not in roots or not rest.parts:
+            source = _image_under_root(image, roots)
+            if source is None:
                 raise ValueError(
-                    f"{where}: sample {sample_id!r} image {str(image)!r}: no image root for "
-                    f"{head!r} (image_roots: {sorted(roots)})"
+                    f"{where}: sample {sample_id!r} image {str(image)!r} is under no image root "
+                    f"(image_roots: {sorted(str(r) for r in roots)})"
                 )
             record["image"] = str(image)
-            source = roots[head] / rest
         record["conversations"] = _check_conversations(item.get("conversations"), sample_id, where)
         samples.append((record, source))
     _require_images(samples, where)
@@ -514,3 +528,44 @@ def download_training_data(source: dict[str, Any], dest: Path) -> dict[str, Any]
     if kind == "llava_instruct":
         return {"annotations": _hub_file(source, source["annotations"], dest)}
     raise ValueError(f"training source type {kind!r} has nothing to download")
+
+
+HUB_SOURCES = ("llava_pretrain", "pixmo_cap", "llava_instruct")
+
+
+def read_training_source(source: dict[str, Any], raw_dir: Path) -> Iterator[Sample]:
+    """Download (``download_training_data``) and read one hub-hosted training source.
+
+    ``source``: a ``train_data.<key>.source`` config; ``raw_dir``: its download folder. Returns
+    the reader's (record, image source) iterator:
+    - llava_pretrain: images.zip is extracted to ``raw_dir/images`` (an existing folder is
+      reused: extraction is atomic, so it is complete);
+    - pixmo_cap: images are cached in ``raw_dir/images``, the fetch report is
+      ``raw_dir/fetch_report.json``; optional source keys ``field``, ``workers``, ``retries``;
+    - llava_instruct: ``image_roots`` values that are relative paths are taken relative to
+      ``raw_dir`` (see ``read_llava_instruct`` for how keys match image paths).
+    Synthetic sources need their world folders: use ``read_synthetic_*``.
+    """
+    kind = source.get("type")
+    if kind not in HUB_SOURCES:
+        raise ValueError(f"training source type {kind!r} is not hub-hosted ({HUB_SOURCES})")
+    raw_dir = Path(raw_dir)
+    files = download_training_data(source, raw_dir)
+    if kind == "llava_pretrain":
+        images = raw_dir / "images"
+        if not images.is_dir():
+            extract_zip(files["images"], images)
+        return read_llava_pretrain(files["annotations"], images)
+    if kind == "pixmo_cap":
+        return read_pixmo_cap(
+            files["parquet"],
+            raw_dir / "images",
+            raw_dir / "fetch_report.json",
+            field=source.get("field", "caption"),
+            workers=source.get("workers", 8),
+            retries=source.get("retries", 3),
+        )
+    if "image_roots" not in source:
+        raise ValueError(f"llava_instruct source {source.get('repo')!r} has no 'image_roots'")
+    roots = {prefix: raw_dir / root for prefix, root in source["image_roots"].items()}
+    return read_llava_instruct(files["annotations"], roots)

@@ -29,7 +29,10 @@ import string
 CONFLICT = "!"  # marker: an asserted letter contradicted by the option text that follows it
 WORD_LETTERS = frozenset("ai")  # single letters that are also English words (article, pronoun)
 _EDGE = r"\w'’\-"  # characters that glue a letter to a word: "Based", "B's", "D-day"
+_ABBREV = r"(?!\.\w)"  # a letter before ".x" abbreviates: "e.g.", "a.m.", "U.S."
 _MASK = "§"  # stands in for a masked option text; counts as a word after "A"/"I"
+# words that never follow the article "a": "A or B", "A is correct", "A because …"
+_NOT_AFTER_ARTICLE = r"(?:or|and|nor|is|vs|versus|because|since|seems|looks|appears)\b"
 
 # answer cues: the letter token must follow right after the match
 _CUES = [
@@ -50,7 +53,7 @@ _CUES = [
     re.compile(r"<answer>\s*", re.IGNORECASE),
 ]
 # a letter token: wrapped "(b)" / "[b]" or bare, never glued to a word
-_TOKEN = re.compile(rf"(?:[\(\[]\s*([A-Za-z])\s*[\)\]]|([A-Za-z]))(?![{_EDGE}])")
+_TOKEN = re.compile(rf"(?:[\(\[]\s*([A-Za-z])\s*[\)\]]|([A-Za-z])(?![{_EDGE}]){_ABBREV})")
 _LIST_SEP = re.compile(r"\s*(?:,|/|&|\band\b|\bor\b)\s*", re.IGNORECASE)
 # "B is correct", "(c) is the right answer"
 _IS_CORRECT = re.compile(
@@ -61,7 +64,10 @@ _IS_CORRECT = re.compile(
 _LINE_MARKER = re.compile(
     rf"^[ \t]*(?:[\(\[]\s*([A-Za-z])\s*[\)\]]|([A-Z])[.:)](?![{_EDGE}]))", re.MULTILINE
 )
-_STANDALONE = re.compile(rf"(?<![{_EDGE}])(?:[\(\[]\s*([a-z])\s*[\)\]]|([A-Z])(?![{_EDGE}]))")
+_SAME_LINE_TEXT = r"[ \t]*[.:)\]\-–—]?[ \t]*\w"  # text right after a letter, on its line
+_STANDALONE = re.compile(
+    rf"(?<![{_EDGE}])(?:[\(\[]\s*([a-z])\s*[\)\]]|([A-Z])(?![{_EDGE}]){_ABBREV})"
+)
 _NEGATED = re.compile(r"(?:\bnot|n't)\s+(?:(?:option|choice|answer)\s+)?[\(\[]?\s*$", re.I)
 _SPECIAL_TOKENS = re.compile(r"<\|[^|>]*\|>|</?s>|<end_of_utterance>|<pad>")
 _ARTICLE = re.compile(r"(?:a|an|the)\s+", re.IGNORECASE)
@@ -80,7 +86,7 @@ def _clean(output: str) -> str:
 
 def _option_at(rest: str, options: list[str]) -> int | None:
     """Index of the longest option whose text starts ``rest`` (after separators, an article)."""
-    head = _normalize(rest.lstrip(" \t.:)]-–—,"))
+    head = _normalize(rest.split("\n", 1)[0].lstrip(" \t.:)]-–—,"))
     head = _ARTICLE.sub("", head, count=1) if _ARTICLE.match(head) else head
     best, best_len = None, 0
     for i, option in enumerate(options):
@@ -91,24 +97,25 @@ def _option_at(rest: str, options: list[str]) -> int | None:
     return best
 
 
-def _judge(text: str, start: int, end: int, letter: str, wrapped: bool, options, cued: bool):
-    """The letter a token asserts (upper case), ``CONFLICT``, or ``None`` when it is a word.
+def _judge(text: str, end: int, letter: str, wrapped: bool, options: list[str], cued: bool):
+    """The letter a token ending at ``end`` asserts (upper case), ``CONFLICT``, or ``None``.
 
+    ``None``: not this question's letter, or an English word ("a daisy", "A photo", "I think").
     ``cued``: the token follows an answer cue (mid-sentence), so a capital "A" before a word is
-    the letter ("The answer is A because…"); at the start of a line it is the article.
+    the letter ("The answer is A because…"); at the start of the output it is the article.
     """
     index = string.ascii_uppercase.index(letter.upper())
     if index >= len(options):
-        return None  # not one of this question's letters
+        return None
     rest = text[end:]
     following = _option_at(rest, options)
-    if not wrapped and re.match(r"\s+\w", rest) and letter.lower() in WORD_LETTERS:
-        # "a daisy", "A photo", "I think": a word unless its own option text follows
+    word_follows = re.match(r"\s+\w", rest) and not re.match(rf"\s+{_NOT_AFTER_ARTICLE}", rest)
+    if not wrapped and word_follows and letter.lower() in WORD_LETTERS:
         if following == index:
-            return letter.upper()
+            return letter.upper()  # "A tulip" when tulip is A: article or letter, both say A
         if following is not None or letter.islower() or not cued:
             return None
-    if following is not None and following != index and re.match(r"\s*[.:)\]\-–—]?\s*\w", rest):
+    if following is not None and following != index and re.match(_SAME_LINE_TEXT, rest):
         return CONFLICT  # "B. daisy" when daisy is option C
     return letter.upper()
 
@@ -118,61 +125,69 @@ def _token_letter(match: re.Match) -> tuple[str, bool]:
     return (match.group(1), True) if match.group(1) else (match.group(2), False)
 
 
+def _with_listed(text: str, first: str, end: int, options: list[str]) -> list[str]:
+    """``first`` plus the letters listed after it: "B or C", "B, C", "B/C", "B and C"."""
+    found = [first]
+    while (sep := _LIST_SEP.match(text, end)) and (token := _TOKEN.match(text, sep.end())):
+        letter, wrapped = _token_letter(token)
+        verdict = _judge(text, token.end(), letter, wrapped, options, True)
+        if verdict is None:
+            break
+        found.append(verdict)
+        end = token.end()
+    return found
+
+
 def _cued_letters(text: str, options: list[str]) -> list[str]:
-    """Letters asserted after answer cues, including lists ("Answer: B or C")."""
+    """Letters asserted after answer cues or before "is correct", lists included."""
     found = []
     for cue in _CUES:
         for match in cue.finditer(text):
-            pos = match.end()
-            while True:
-                token = _TOKEN.match(text, pos)
-                if token is None:
-                    break
-                letter, wrapped = _token_letter(token)
-                verdict = _judge(text, token.start(), token.end(), letter, wrapped, options, True)
-                if verdict is None:
-                    break
-                found.append(verdict)
-                sep = _LIST_SEP.match(text, token.end())
-                if sep is None:
-                    break
-                pos = sep.end()
+            token = _TOKEN.match(text, match.end())
+            if token is None:
+                continue
+            letter, wrapped = _token_letter(token)
+            verdict = _judge(text, token.end(), letter, wrapped, options, True)
+            if verdict is not None:
+                found += _with_listed(text, verdict, token.end(), options)
     for match in _IS_CORRECT.finditer(text):
         letter, wrapped = _token_letter(match)
-        verdict = _judge(text, match.start(), match.end(), letter, wrapped, options, True)
+        verdict = _judge(text, match.end(), letter, wrapped, options, True)
         if verdict is not None:
             found.append(verdict)
     return found
 
 
-def _opening_letter(text: str, options: list[str]) -> str | None:
-    """The verdict on a letter that opens the output: "B", "b.", "(b) …", "B. tulip", "B tulip"."""
+def _opening_letters(text: str, options: list[str]) -> list[str]:
+    """A letter that opens the output: "B", "b.", "(b) …", "B. tulip", "B tulip", "A or B"."""
     token = _TOKEN.match(text)
     if token is None:
-        return None
+        return []
     letter, wrapped = _token_letter(token)
     rest = text[token.end() :]
     own = string.ascii_uppercase.index(letter.upper())
     if wrapped or re.fullmatch(r"[.:)\]]?\s*", rest):  # "(b) …", "B", "b."
-        is_marker = True
+        verdict = _judge(text, token.end(), letter, True, options, True)
     elif re.match(r"[.:)\]]\s", rest):  # "B. tulip"; lower case only as "b) …" or "b. <its text>"
-        is_marker = letter.isupper() or rest[0] in ")]" or _option_at(rest, options) == own
+        marker = letter.isupper() or rest[0] in ")]" or _option_at(rest, options) == own
+        verdict = _judge(text, token.end(), letter, True, options, True) if marker else None
     elif letter.isupper():  # "B tulip", "D - sunflower", "B, …"; "A photo" is the article
-        return _judge(text, 0, token.end(), letter, False, options, False)
-    else:  # "b tulip" only when its own option text follows
-        is_marker = re.match(r"\s", rest) is not None and _option_at(rest, options) == own
-    return _judge(text, 0, token.end(), letter, True, options, True) if is_marker else None
+        verdict = _judge(text, token.end(), letter, False, options, False)
+    elif re.match(r"\s", rest) and _option_at(rest, options) == own:  # "b tulip"
+        verdict = _judge(text, token.end(), letter, True, options, True)
+    else:
+        verdict = None
+    return [] if verdict is None else _with_listed(text, verdict, token.end(), options)
 
 
 def _leading_letters(text: str, options: list[str]) -> list[str]:
     """The opening letter and option markers opening later lines ("C. daisy", "(c) daisy")."""
-    opening = _opening_letter(text, options)
-    found = [] if opening is None else [opening]
+    found = _opening_letters(text, options)
     for marker in _LINE_MARKER.finditer(text):
         if marker.start() == 0:
             continue  # the first line was judged above
         letter, _ = _token_letter(marker)
-        verdict = _judge(text, marker.start(), marker.end(), letter, True, options, True)
+        verdict = _judge(text, marker.end(), letter, True, options, True)
         if verdict is not None:
             found.append(verdict)
     return found
@@ -196,7 +211,10 @@ def _standalone_letters(text: str, options: list[str]) -> list[str]:
         if index >= len(options) or _NEGATED.search(masked[: match.start()]):
             continue
         if match.group(2) and letter.lower() in WORD_LETTERS:
-            if re.match(rf"\s+[\w{_MASK}]", masked[match.end() :]):
+            after = masked[match.end() :]
+            if re.match(rf"\s+[\w{_MASK}]", after) and not re.match(
+                rf"\s+{_NOT_AFTER_ARTICLE}", after
+            ):
                 continue  # "A photo", "I think", "A §"
         found.append(letter.upper())
     return found
@@ -230,7 +248,7 @@ def _option_text_match(text: str, options: list[str]) -> str | None:
 
 
 def extract_answer(output: str, options: list[str]) -> str | None:
-    """The option letter ("A".."") chosen by ``output``, or ``None`` when it cannot be told.
+    """The option letter ("A", "B", … one per option) chosen by ``output``, or ``None`` when it cannot be told.
 
     In: the model's raw text and the question's option texts in letter order.
     Out: an upper-case letter of the options, or ``None`` (unparsable or self-contradictory).

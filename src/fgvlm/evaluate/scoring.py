@@ -152,7 +152,9 @@ def score_batch(
         ]
     letters = [option_letters(item) for item in items]
     continuations = letters if mode == "letter_likelihood" else [item.options for item in items]
-    scores = _checked_scores(model.continuation_logprobs(items, continuations), items, continuations)
+    scores = _checked_scores(
+        model.continuation_logprobs(items, continuations), items, continuations
+    )
     rows = []
     for item, conts, row, item_letters in zip(items, continuations, scores, letters, strict=True):
         choice = _argmax(row, item.qid)
@@ -177,9 +179,9 @@ def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
-def _progress(total: int | None, desc: str, initial: int = 0) -> tqdm:
+def _progress(total: int | None, desc: str) -> tqdm:
     """A progress bar counting questions, so its rate reads questions/s."""
-    return tqdm(total=total, initial=initial, desc=desc, unit="question", dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="question", dynamic_ncols=True)
 
 
 def _check_unique(qids: Iterable[str], where: str) -> None:

@@ -1,0 +1,110 @@
+"""VLM runners behind one interface (``fgvlm.evaluate.scoring.MCQModel``).
+
+- ``LlavaRunner``: the project's own LLaVA-style checkpoints (``fgvlm.models.vlm``), prompted in
+  their chat template with the image placeholder before the question, as LLaVA-1.5 does.
+- ``fgvlm.models.hub.HubVLM``: released VLMs through transformers.
+
+``load_runner`` picks one from a model spec; ``question_source`` turns a benchmark (question
+shards or a VLMEvalKit TSV) into items and answers.
+"""
+
+from __future__ import annotations
+
+import io as _io
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from fgvlm.evaluate.scoring import MCQItem
+from fgvlm.models.templates import IMAGE_PLACEHOLDER, answer_ids, prompt_ids
+
+
+class LlavaRunner:
+    """Greedy answers and continuation likelihoods of a ``LlavaVLM``."""
+
+    def __init__(self, vlm, name: str) -> None:
+        self.vlm = vlm.eval()
+        self.name = name
+
+    def _prompt(self, item: MCQItem) -> list[int]:
+        text = item.prompt if item.image is None else f"{IMAGE_PLACEHOLDER}\n{item.prompt}"
+        return prompt_ids(self.vlm.template, self.vlm.tokenizer, text)
+
+    @torch.no_grad()
+    def generate(self, items: list[MCQItem], *, max_new_tokens: int) -> list[str]:
+        prompts = [self._prompt(item) for item in items]
+        pixels = self.vlm.pixel_batch([item.image for item in items])
+        answers = self.vlm.generate_ids(prompts, pixels, max_new_tokens)
+        return [self.vlm.tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
+
+    @torch.no_grad()
+    def continuation_logprobs(
+        self, items: list[MCQItem], continuations: list[list[str]]
+    ) -> list[list[float]]:
+        prompts, conts, images = [], [], []
+        for item, texts in zip(items, continuations, strict=True):
+            prompt = self._prompt(item)
+            for text in texts:
+                prompts.append(prompt)
+                conts.append(answer_ids(self.vlm.template, self.vlm.tokenizer, text))
+                images.append(item.image)
+        scores = self.vlm.sequence_logprobs(prompts, conts, self.vlm.pixel_batch(images)).tolist()
+        out, start = [], 0
+        for texts in continuations:
+            out.append(scores[start : start + len(texts)])
+            start += len(texts)
+        return out
+
+
+def load_runner(spec: dict, model_dir: Path, *, device: str = "cpu"):
+    """A runner for ``spec`` = {"kind": "trained"|"hub", "name", ...} with weights in ``model_dir``."""
+    if spec["kind"] == "trained":
+        from fgvlm.models.vlm import load_vlm
+
+        return LlavaRunner(load_vlm(model_dir, device=device), spec["name"])
+    if spec["kind"] == "hub":
+        from fgvlm.evaluate.prompts import ASSISTANT_PREFIX
+        from fgvlm.models.hub import load_hub_vlm
+
+        return load_hub_vlm(
+            model_dir,
+            trust_remote_code=spec.get("trust_remote_code", False),
+            device=device,
+            dtype="bfloat16" if device == "cuda" else None,
+            name=spec["name"],
+            answer_prefix=ASSISTANT_PREFIX.get(spec["style"], ""),
+        )
+    raise ValueError(f"model kind {spec['kind']!r} is not supported (trained, hub)")
+
+
+def question_source(
+    benchmark: dict, path: Path
+) -> tuple[Callable[[], Iterator[tuple[dict, Image.Image | None]]], dict[str, str], dict]:
+    """(a fresh-stream factory of (record, image), qid -> answer letter, counts) of a benchmark.
+
+    ``benchmark`` = {"kind": "questions"} for question shards at ``path``, or
+    {"kind": "vlmeval_tsv", "split": ...} for a VLMEvalKit TSV file.
+    """
+    if benchmark["kind"] == "questions":
+        from fgvlm.data.shards import iter_question_samples
+
+        answers = {
+            record["qid"]: record["answer"]
+            for record, _ in iter_question_samples(path)  # one pass for the answer key
+        }
+        return (lambda: iter_question_samples(path)), answers, {"questions": len(answers)}
+    if benchmark["kind"] == "vlmeval_tsv":
+        from fgvlm.data.vlmeval import scan_vlmeval_tsv
+
+        records, counts = scan_vlmeval_tsv(path, split=benchmark.get("split"))
+        answers = {r["qid"]: r["answer"] for r in records}
+
+        def stream() -> Iterator[tuple[dict, Image.Image]]:
+            for record in records:
+                with Image.open(_io.BytesIO(record["image"])) as image:
+                    yield record, image.convert("RGB")
+
+        return stream, answers, counts
+    raise ValueError(f"benchmark kind {benchmark['kind']!r} is not supported")
