@@ -9,18 +9,31 @@ include: "rules/models.smk"
 include: "rules/questions.smk"
 include: "rules/train.smk"
 include: "rules/eval.smk"
+include: "rules/report.smk"
 
 
 onstart:
     print(
-        f"fgvlm: {len(BENCHMARKS)} benchmarks, {len(CLIP_MODELS)} CLIP models, device {DEVICE}"
+        f"fgvlm: {len(BENCHMARKS)} fine-grained + {len(VQA_BENCHMARKS)} VQA benchmarks, "
+        f"{len(TRAINED_RUNS)} trained ablations, {len(HUB_VLMS)} hub VLMs, device {DEVICE}"
     )
+
+
+rule all_ablations:
+    input:
+        "results/tables/ablations.csv",
+
+
+rule all_models:
+    input:
+        "results/tables/models.csv",
 
 
 rule all:
     default_target: True
     input:
+        rules.all_ablations.input,
+        rules.all_models.input,
+        rules.figures.output,
         rules.all_manifests.input,
-        rules.all_questions.input,
-        rules.all_shards.input,
         rules.all_clip.input,

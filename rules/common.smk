@@ -24,6 +24,9 @@ wildcard_constraints:
     clip="|".join(CLIP_MODELS) or "NONE",
     world="|".join(WORLDS) or "NONE",
     vqa="|".join(VQA_BENCHMARKS) or "NONE",
+    model="|".join(fc.vlm_models(config)) or "NONE",
+    vlm_benchmark="|".join(fc.vlm_benchmarks(config)) or "NONE",
+    hub="|".join(config.get("hub_vlms") or {}) or "NONE",
 
 
 def rule_resources(rule_name):
@@ -118,3 +121,81 @@ def finetune_inputs(wildcards):
     if key is not None:
         inputs["init"] = f"runs/{key}/pretrain"
     return inputs
+
+
+# --- VLM evaluation ----------------------------------------------------------------------------
+
+VLM_MODELS = fc.vlm_models(config)
+VLM_BENCHMARKS = fc.vlm_benchmarks(config)
+HUB_VLMS = list(config.get("hub_vlms") or {})
+
+
+def hub_vlm_inputs(wildcards):
+    """A tiny hub stand-in is built from a tiny LLM (tokenizer and language-model weights)."""
+    vlm = config["hub_vlms"][wildcards.hub]
+    return (
+        {"text_model": f"models/llm/{vlm['tiny']['text_model']}"}
+        if "tiny" in vlm
+        else {}
+    )
+
+
+def eval_vlm_inputs(wildcards):
+    inputs = {"model": fc.vlm_model_dir(config, wildcards.model)}
+    if wildcards.vlm_benchmark in config["benchmarks"]:
+        inputs["data"] = f"shards/questions/{wildcards.vlm_benchmark}"
+        inputs["questions"] = f"results/questions/{wildcards.vlm_benchmark}.parquet"
+    else:
+        inputs["data"] = f"data/vqa/{wildcards.vlm_benchmark}.tsv"
+    return inputs
+
+
+# --- aggregation -------------------------------------------------------------------------------
+
+FIGURES = [
+    "figure2",
+    "figure3",
+    "figure4",
+    "figure5",
+    "figure6",
+    "figure7",
+    "figure8",
+    "confusion",
+]
+
+
+def ablation_metrics(wildcards):
+    """Every ablation row's metrics on every benchmark (predictions come along for intervals)."""
+    spec = fc.report_spec(config)
+    benchmarks = [*spec["fine_grained"], *spec["general"]]
+    models = sorted(set(spec["models"].values()))
+    return [
+        f"results/{kind}/{model}/{bench}.{ext}"
+        for model in models
+        for bench in benchmarks
+        for kind, ext in (("metrics", "json"), ("predictions", "parquet"))
+    ]
+
+
+def model_metrics(wildcards):
+    spec = fc.models_spec(config)
+    vlms = expand(
+        "results/metrics/{model}/{bench}.json",
+        model=spec["hub_models"],
+        bench=[*spec["fine_grained"], *spec["general"]],
+    )
+    clips = expand(
+        "results/metrics/{model}/{bench}.json",
+        model=spec["clip_models"].values(),
+        bench=spec["fine_grained"],
+    )
+    return vlms + clips
+
+
+def confusion_details():
+    """The per-class view shows the first trained row on the first fine-grained benchmark."""
+    rows = fc.trained_rows(config) or config.get("ablations") or []
+    model = (
+        fc.model_of_row(rows[0]) if rows else f"clip-{config['clip_eval']['models'][0]}"
+    )
+    return f"results/metrics/{model}/{fc.benchmark_names(config)[0]}.details.json"

@@ -33,3 +33,35 @@ rule all_clip:
             clip=config["clip_eval"]["models"],
             benchmark=BENCHMARKS,
         ),
+
+
+rule eval_vlm:
+    input:
+        unpack(eval_vlm_inputs),
+    output:
+        predictions="results/predictions/{model}/{vlm_benchmark}.parquet",
+        metrics="results/metrics/{model}/{vlm_benchmark}.json",
+        details="results/metrics/{model}/{vlm_benchmark}.details.json",
+    log:
+        "logs/eval_vlm/{model}/{vlm_benchmark}.log",
+    benchmark:
+        "benchmarks/eval_vlm/{model}/{vlm_benchmark}.tsv"
+    conda:
+        "../envs/fgvlm.yaml"
+    resources:
+        **rule_resources("eval_vlm"),
+    params:
+        spec=lambda wc: fc.vlm_eval_spec(config, wc.model, wc.vlm_benchmark),
+        parts_dir=lambda wc: f"results/parts/{wc.model}/{wc.vlm_benchmark}",
+        device=DEVICE,
+    script:
+        "../workflow/scripts/eval_vlm.py"
+
+
+rule all_vlm_eval:
+    input:
+        expand(
+            "results/metrics/{model}/{vlm_benchmark}.json",
+            model=VLM_MODELS,
+            vlm_benchmark=VLM_BENCHMARKS,
+        ),

@@ -16,3 +16,20 @@ rule fetch_clip:
         source=lambda wc: config["clip_models"][wc.clip]["source"],
     script:
         "../workflow/scripts/fetch_clip.py"
+
+
+rule materialize_hub_vlm:
+    input:
+        unpack(hub_vlm_inputs),
+    output:
+        directory("models/hub/{hub}"),
+    log:
+        "logs/materialize_hub_vlm/{hub}.log",
+    conda:
+        "../envs/fgvlm.yaml"
+    resources:
+        **rule_resources("fetch_model"),
+    params:
+        vlm=lambda wc: config["hub_vlms"][wc.hub],
+    script:
+        "../workflow/scripts/materialize_hub_vlm.py"

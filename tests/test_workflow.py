@@ -63,7 +63,7 @@ def demo_config(tmp: Path, **changes) -> Path:
 
 
 def test_paper_config_dry_run_lists_every_stage(tmp_path):
-    jobs = planned_jobs(tmp_path)  # no --configfile: the paper's study
+    jobs = planned_jobs(tmp_path)  # no --configfile: the paper's study, target `all`
     assert jobs == Counter(
         build_manifest=4,  # ImageNet subset, Flowers, Pets, Food
         vqa_benchmark=3,  # MMBench, MMMU, MMStar
@@ -71,8 +71,25 @@ def test_paper_config_dry_run_lists_every_stage(tmp_path):
         mine_questions=4,
         shard_questions=4,
         eval_clip=12,  # 3 CLIP models x 4 benchmarks
+        materialize_llm=4,  # Vicuna, Llama-2, Qwen2, Qwen2-Instruct
+        materialize_base_vlm=1,  # Qwen2-VL base
+        materialize_hub_vlm=15,  # Section 3's released VLMs
+        shard_train_data=3,  # LLaVA-Pretrain, PixMo-Cap, LLaVA-1.5 mix665k
+        pretrain=13,  # one per distinct pretraining recipe
+        finetune=22,  # one per trained ablation row
+        eval_vlm=(22 + 15) * 7,  # trained rows and hub VLMs x 7 benchmarks
+        aggregate_ablations=1,
+        aggregate_models=1,
+        figures=1,
         all=1,
     )
+
+
+def test_all_ablations_needs_only_the_ablation_rows(tmp_path):
+    jobs = planned_jobs(tmp_path, "all_ablations")
+    assert jobs["eval_vlm"] == 24 * 7  # Table 2's rows (2 of them released checkpoints)
+    assert jobs["materialize_hub_vlm"] == 2
+    assert jobs["aggregate_ablations"] == 1 and "eval_clip" not in jobs
 
 
 def test_malformed_config_fails_before_any_job(tmp_path):

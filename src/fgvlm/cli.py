@@ -119,6 +119,24 @@ def cmd_eval_clip(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_aggregate(args: argparse.Namespace) -> None:
+    from fgvlm.report.aggregate import aggregate
+
+    out = aggregate(
+        args.metrics,
+        args.runs,
+        args.out,
+        fine_grained=args.fine_grained,
+        general=args.general,
+        exclude=args.exclude,
+        chain_start=args.chain_start,
+    )
+    print(
+        f"{out['rows']} rows, {out['pairs']} one-factor pairs: {out['ablations']}, "
+        f"{out['effects']}, {out['effects_summary']}"
+    )
+
+
 def _lookup(cfg: dict, table: str, name: str) -> dict:
     entries = cfg.get(table) or {}
     if name not in entries:
@@ -172,6 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", required=True)
     for opt in ("--shards", "--classes", "--clip-dir", "--predictions", "--metrics"):
         p.add_argument(opt)
+
+    p = add(
+        "aggregate",
+        cmd_aggregate,
+        "Ablation table and factor effects from per-benchmark accuracies.",
+        config=False,
+    )
+    p.add_argument("--metrics", required=True, type=Path, help="CSV: model,benchmark,accuracy")
+    p.add_argument("--runs", required=True, type=Path, help="CSV: run + the six factor columns")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--fine-grained", nargs="+", metavar="BENCHMARK")
+    p.add_argument("--general", nargs="+", metavar="BENCHMARK")
+    p.add_argument("--exclude", action="append", default=[], metavar="RUN")
+    p.add_argument("--chain-start", metavar="RUN")
     return parser
 
 

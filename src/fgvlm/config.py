@@ -127,6 +127,24 @@ def _check_references(config: dict) -> None:
     for name, vlm in (config.get("hub_vlms") or {}).items():
         if "clip" in vlm:
             _require(vlm["clip"], clips, "clip_models", f"hub_vlms.{name}.clip")
+        if "tiny" in vlm:
+            _require(
+                vlm["tiny"]["text_model"],
+                config.get("llms"),
+                "llms",
+                f"hub_vlms.{name}.tiny.text_model",
+            )
+        if "family" in vlm:
+            from fgvlm.evaluate.prompts import STYLE_BY_FAMILY
+
+            if vlm["family"] not in STYLE_BY_FAMILY:
+                raise ConfigError(
+                    f"hub_vlms.{name}.family: {vlm['family']!r} is not one of "
+                    f"{sorted(STYLE_BY_FAMILY)}"
+                )
+    clash = set(config["benchmarks"]) & set(config.get("vqa_benchmarks") or {})
+    if clash:
+        raise ConfigError(f"vqa_benchmarks: names also used by benchmarks: {sorted(clash)}")
     _check_ablations(config)
 
 
@@ -360,3 +378,118 @@ def train_data_names(config: dict) -> list[str]:
 
 def encoder_clip(config: dict, encoder: str) -> str:
     return config["encoders"][encoder]["clip"]
+
+
+# --- VLM evaluation ----------------------------------------------------------------------------
+
+
+def hub_family(vlm: dict) -> str:
+    """The prompt family of a hub VLM: configured, the tiny stand-in's kind, or from its repo."""
+    from fgvlm.evaluate.prompts import family_of_repo
+
+    if "family" in vlm:
+        return vlm["family"]
+    if "tiny" in vlm:
+        return vlm["tiny"]["kind"]
+    return family_of_repo(vlm["repo"])
+
+
+def model_of_row(row: dict) -> str:
+    """The results name of an ablation row: its run name, or hub-<name> for released rows."""
+    return f"hub-{row['hub']}" if "hub" in row else row["name"]
+
+
+def vlm_models(config: dict) -> dict[str, dict]:
+    """Every VLM evaluated: trained ablation rows and hub VLMs, by results name."""
+    evaluation = config.get("evaluation") or {}
+    mode = evaluation.get("mode", "generate")
+    max_new = evaluation.get("max_new_tokens", 8)
+    models = {}
+    for row in trained_rows(config):
+        family = (
+            "qwen2_vl" if row["arch"] == "qwen2_vl" else evaluation.get("trained_family", "fgvlm")
+        )
+        kind = "hub" if row["arch"] == "qwen2_vl" else "trained"
+        models[row["name"]] = {
+            "kind": kind,
+            "name": row["name"],
+            "family": family,
+            "mode": mode,
+            "max_new_tokens": max_new,
+        }
+    for key, vlm in (config.get("hub_vlms") or {}).items():
+        models[f"hub-{key}"] = {
+            "kind": "hub",
+            "name": f"hub-{key}",
+            "family": hub_family(vlm),
+            "mode": vlm.get("mode", mode),
+            "max_new_tokens": max_new,
+            "trust_remote_code": vlm.get("trust_remote_code", False),
+        }
+    return models
+
+
+def vlm_model_dir(config: dict, model: str) -> str:
+    if model.startswith("hub-"):
+        return f"models/hub/{model[4:]}"
+    return f"runs/{model}/finetune"
+
+
+def vlm_benchmarks(config: dict) -> list[str]:
+    return [*config["benchmarks"], *(config.get("vqa_benchmarks") or {})]
+
+
+def vlm_benchmark_spec(config: dict, benchmark: str) -> dict:
+    """How a benchmark's questions are read, and its primary metric."""
+    if benchmark in config["benchmarks"]:
+        return {"kind": "questions", "metric": config["benchmarks"][benchmark]["metric"]}
+    source = config["vqa_benchmarks"][benchmark]["source"]
+    return {"kind": "vlmeval_tsv", "split": source.get("split"), "metric": "accuracy"}
+
+
+def vlm_eval_spec(config: dict, model: str, benchmark: str) -> dict:
+    """What one (VLM, benchmark) evaluation depends on, style resolved for the benchmark."""
+    from fgvlm.evaluate.prompts import style_for
+
+    spec = dict(vlm_models(config)[model])
+    spec["style"] = style_for(spec["family"], benchmark)
+    return {"model": spec, "benchmark": vlm_benchmark_spec(config, benchmark)}
+
+
+# --- aggregation -------------------------------------------------------------------------------
+
+
+def report_spec(config: dict) -> dict:
+    """What the ablation table and effects depend on: rows, their factors and results names."""
+    from fgvlm.report.aggregate import effects_exclusions, runs_from_config
+
+    rows = config.get("ablations") or []
+    vqa = config.get("vqa_benchmarks") or {}
+    return {
+        "runs": runs_from_config(config).to_dicts() if rows else [],
+        "models": {row["name"]: model_of_row(row) for row in rows},
+        "fine_grained": list(config["benchmarks"]),
+        "general": list(vqa),
+        "labels": {
+            name: bench.get("label", name)
+            for name, bench in {**config["benchmarks"], **vqa}.items()
+        },
+        "exclude": effects_exclusions(config) if rows else [],
+    }
+
+
+def models_spec(config: dict) -> dict:
+    """What Section 3's table depends on: hub VLMs, CLIP baselines, labels and encoders."""
+    hub = config.get("hub_vlms") or {}
+    clips = config["clip_eval"]["models"]
+    return {
+        "hub_models": [f"hub-{name}" for name in hub],
+        "clip_models": {name: f"clip-{name}" for name in clips},
+        "fine_grained": list(config["benchmarks"]),
+        "general": list(config.get("vqa_benchmarks") or {}),
+        "model_labels": {
+            **{f"hub-{k}": v.get("label", k) for k, v in hub.items()},
+            **{k: config["clip_models"][k].get("label", k) for k in clips},
+        },
+        "encoders": {f"hub-{k}": v["clip"] for k, v in hub.items() if v.get("clip") in clips},
+    }

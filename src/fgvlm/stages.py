@@ -29,6 +29,7 @@ def synthesize_world(world: dict, out_dir: str | Path) -> dict:
         image_size=world.get("image_size", 32),
         train_per_class=world.get("train_per_class", 40),
         test_per_class=world.get("test_per_class", 10),
+        **{k: world[k] for k in ("mc_fraction", "naming_fraction") if k in world},
     )
     log.info("world %s: %s", out_dir, summary)
     return summary
@@ -362,3 +363,200 @@ def train_stage(
         checkpoint_every=checkpoint_every,
         dataloader_workers=dataloader_workers,
     )
+
+
+# --- VLM evaluation (issue 4) ------------------------------------------------------------------
+
+
+def eval_vlm(
+    spec: dict,
+    model_dir: str | Path,
+    data_path: str | Path,
+    predictions_path: str | Path,
+    metrics_path: str | Path,
+    details_path: str | Path,
+    *,
+    parts_dir: str | Path,
+    questions_path: str | Path | None = None,
+    batch_size: int = 16,
+    part_size: int = 512,
+    device: str = "cpu",
+) -> dict:
+    """Evaluate one VLM on one benchmark (``spec``: ``fgvlm.config.vlm_eval_spec``).
+
+    Answers are scored in parts under ``parts_dir`` so that a killed job resumes; predictions,
+    metrics (with the agreement of the scoring mode with greedy generation) and a details file
+    (per-class accuracy and confusions, or per-category accuracy) are written at the end.
+    """
+    import numpy as np
+
+    from fgvlm.evaluate.metrics import summarize
+    from fgvlm.evaluate.runners import load_runner, question_source
+    from fgvlm.evaluate.scoring import evaluate_mcq, files_fingerprint, question_items
+
+    model, benchmark = spec["model"], spec["benchmark"]
+    runner = load_runner(model, Path(model_dir), device=device)
+    stream, answers, counts = question_source(benchmark, Path(data_path), questions_path)
+    predictions, summary = evaluate_mcq(
+        runner,
+        lambda: question_items(stream(), style=model["style"]),
+        answers,
+        Path(parts_dir),
+        mode=model["mode"],
+        batch_size=batch_size,
+        part_size=part_size,
+        max_new_tokens=model["max_new_tokens"],
+        fingerprint=files_fingerprint(model_dir, questions_path or data_path),
+    )
+    if benchmark["kind"] == "questions":
+        from fgvlm.evaluate.analysis import per_class_report
+
+        questions = pl.read_parquet(questions_path)
+        labels = predictions.join(questions.select("qid", "label"), on="qid", how="left")["label"]
+        details = per_class_report(predictions, questions)
+        correct, labels, unparsable = (
+            predictions["correct"].to_numpy(),
+            labels.to_numpy(),
+            predictions["pred"].is_null().to_numpy(),
+        )
+    else:
+        correct, unparsable, details = _vqa_correctness(predictions, counts)
+        labels = None
+    metrics = summarize(correct, labels, unparsable, primary=benchmark["metric"])
+    metrics.update(summary)
+    metrics["generate_accuracy"] = float(np.mean(predictions["generate_correct"].to_numpy()))
+    metrics["questions"] = {k: v for k, v in counts.items() if not isinstance(v, dict)}
+    metrics["model"], metrics["style"] = model["name"], model["style"]
+    io.write_parquet(predictions, predictions_path)
+    io.write_json(details, details_path)
+    io.write_json(metrics, metrics_path)
+    log.info("%s: %s", metrics_path, {k: metrics[k] for k in ("accuracy", "n", "mode")})
+    return metrics
+
+
+def _vqa_correctness(predictions: pl.DataFrame, counts: dict):
+    """Per-question (or, for MMBench's CircularEval copies, per-group: all copies right)
+    correctness, unparsable flags, and per-category accuracy."""
+    import numpy as np
+
+    groups = counts.get("groups") or {}
+    frame = predictions.with_columns(
+        pl.col("qid").replace_strict(groups, default=pl.col("qid")).alias("group"),
+        pl.col("qid").replace_strict(counts.get("categories") or {}, default="").alias("category"),
+    )
+    grouped = frame.group_by("group", maintain_order=True).agg(
+        pl.col("correct").all(),
+        pl.col("pred").is_null().any().alias("unparsable"),
+        pl.col("category").first(),
+    )
+    per_category = (
+        grouped.group_by("category")
+        .agg(pl.col("correct").mean().alias("accuracy"), pl.len().alias("n"))
+        .sort("category")
+    )
+    details = {"per_category": per_category.to_dicts(), "groups": grouped.height}
+    return grouped["correct"].to_numpy(), grouped["unparsable"].to_numpy().astype(np.bool_), details
+
+
+def materialize_hub_vlm(
+    vlm: dict, out_dir: str | Path, *, text_model_dir: str | Path | None
+) -> None:
+    """Fetch a released VLM (safetensors only), or build the demo's tiny stand-in."""
+    from fgvlm.models import hub
+
+    if "tiny" in vlm:
+        hub.materialize_tiny_hub_vlm(
+            vlm["tiny"]["kind"],
+            Path(out_dir),
+            tokenizer_dir=Path(text_model_dir),
+            seed=vlm["tiny"]["seed"],
+            text_model_dir=Path(text_model_dir),
+        )
+    else:
+        hub.fetch_hub_vlm(
+            vlm["repo"],
+            vlm.get("revision", "main"),
+            Path(out_dir),
+            trust_remote_code=vlm.get("trust_remote_code", False),
+        )
+
+
+# --- aggregation, tables and figures (issue 5) -------------------------------------------------
+
+
+def aggregate_ablations(
+    study: dict, out_dir: str | Path, *, results_dir: str | Path = "results"
+) -> dict:
+    """The ablation table, factor effects (paired intervals, McNemar) and Tables 1-4.
+
+    ``study`` (``fgvlm.config.report_spec``): runs with their factor labels, the results name
+    of each run, the fine-grained and general benchmark lists, benchmark labels, and the runs
+    left out of the effects (replicates).
+    """
+    from fgvlm.report.aggregate import build_outputs, collect_metrics, collect_paired
+
+    benchmarks = [*study["fine_grained"], *study["general"]]
+    models = study["models"]
+    return build_outputs(
+        collect_metrics(results_dir, models, benchmarks),
+        pl.DataFrame(study["runs"]),
+        out_dir,
+        fine_grained=study["fine_grained"],
+        general=study["general"],
+        paired=collect_paired(results_dir, models, benchmarks),
+        exclude=study["exclude"],
+        labels=study["labels"],
+    )
+
+
+def aggregate_models(
+    study: dict, out_path: str | Path, *, results_dir: str | Path = "results"
+) -> None:
+    """Section 3's table: hub VLMs (fine-grained and general averages) and CLIP baselines."""
+    from fgvlm.report.aggregate import collect_metrics, write_csv
+    from fgvlm.report.tables import models_table
+
+    fine, general = study["fine_grained"], study["general"]
+    vlms = collect_metrics(results_dir, study["hub_models"], [*fine, *general])
+    clips = collect_metrics(results_dir, study["clip_models"], fine, nway=True)
+    table = models_table(
+        vlms,
+        clips,
+        fine_grained=fine,
+        general=general,
+        labels=study["model_labels"],
+        encoders=study["encoders"],
+    )
+    write_csv(table, out_path)
+
+
+def make_figures(
+    tables_dir: str | Path,
+    models_csv: str | Path,
+    details_path: str | Path,
+    out_dir: str | Path,
+    *,
+    confusion_title: str,
+) -> list[Path]:
+    """Figures 2-8 and a per-class confusion view, as SVG and HTML in ``out_dir``."""
+    from fgvlm.report import figures
+
+    tables_dir, out_dir = Path(tables_dir), Path(out_dir)
+    models = pl.read_csv(models_csv)
+    pairs = pl.read_csv(tables_dir / "effects.csv", infer_schema_length=None)
+    charts = {
+        "figure2": figures.figure2_fine_vs_general(models),
+        "figure3": figures.figure3_vlm_vs_encoder(models),
+        **{
+            name: figures.factor_figure(pairs, factor)
+            for name, factor in figures.FIGURE_FACTORS.items()
+        },
+        "confusion": figures.confusion_figure(io.read_json(details_path), title=confusion_title),
+    }
+    progression = tables_dir / "progression.csv"
+    if progression.is_file():
+        charts["figure8"] = figures.figure8_progression(pl.read_csv(progression))
+    written = []
+    for name, chart in charts.items():
+        written += figures.save_chart(chart, out_dir / name)
+    return written

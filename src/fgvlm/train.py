@@ -154,10 +154,11 @@ def lr_factor(step: int, start: int, total: int, warmup_ratio: float) -> float:
 
 
 def trainable_groups(model: Any, recipe: Recipe) -> list[dict]:
-    """Optimizer parameter groups; sets ``requires_grad`` for the run's first phase.
+    """Optimizer parameter groups; sets ``requires_grad`` once for the whole run.
 
-    The LLM of a ``full`` pretraining sits in the optimizer from the start but has no gradient
-    until its start step, so AdamW leaves it bit-identical until then.
+    The LLM of a ``full`` pretraining learns from the start in autograd's eyes (so DDP/FSDP
+    see a fixed set of trainable parameters), but its gradients are dropped before every
+    optimizer step until its start step, so AdamW leaves it bit-identical until then.
     """
     groups = model.parameter_groups()
     for param in groups["vision"]:
@@ -167,7 +168,7 @@ def trainable_groups(model: Any, recipe: Recipe) -> list[dict]:
     for param in groups["connector"]:
         param.requires_grad_(learns_connector)
     for param in groups["llm"]:
-        param.requires_grad_(False)  # switched on at plan.llm_start_step
+        param.requires_grad_(learns_llm)
     out = []
     if learns_connector:
         out.append({"params": groups["connector"], "lr": recipe.connector_lr, "name": "connector"})
@@ -176,9 +177,10 @@ def trainable_groups(model: Any, recipe: Recipe) -> list[dict]:
     return out
 
 
-def set_llm_trainable(model: Any, trainable: bool) -> None:
-    for param in model.parameter_groups()["llm"]:
-        param.requires_grad_(trainable)
+def drop_gradients(params: list) -> None:
+    """Forget the gradients of ``params``: AdamW skips parameters whose grad is None."""
+    for param in params:
+        param.grad = None
 
 
 # --- checkpoints -------------------------------------------------------------------------------
@@ -211,21 +213,36 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], other: dict) -> None:
 
 
 def save_checkpoint(
-    state_dir: Path, step: int, model: Any, optimizer, scheduler, position: dict, rank: int = 0
+    state_dir: Path, step: int, model: Any, optimizer, scheduler, position: dict, accelerator=None
 ) -> Path:
-    """Write ``state_dir/step-NNNNNNNN/`` atomically; keep only the newest two checkpoints."""
+    """Write ``state_dir/step-NNNNNNNN/`` atomically; keep only the newest two checkpoints.
+
+    Every rank writes its RNG state into one shared temporary folder; rank 0 writes the weights,
+    optimizer, scheduler and data position, then renames the folder into place.
+    """
+    rank = accelerator.process_index if accelerator is not None else 0
+    barrier = accelerator.wait_for_everyone if accelerator is not None else (lambda: None)
     target = state_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
-    with io.atomic_path(target, is_dir=True) as tmp:
-        if rank == 0:
-            save_file(_trainable_state(model), tmp / "trainable.safetensors")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        rng_tensors, rng_other = _rng_state()
-        save_file(rng_tensors, tmp / f"rng-rank{rank}.safetensors")
-        (tmp / f"rng-rank{rank}.json").write_text(json.dumps(rng_other))
+    tmp = state_dir / f".{target.name}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    rng_tensors, rng_other = _rng_state()
+    save_file(rng_tensors, tmp / f"rng-rank{rank}.safetensors")
+    (tmp / f"rng-rank{rank}.json").write_text(json.dumps(rng_other))
+    barrier()
+    if rank == 0:
+        save_file(_trainable_state(model), tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "position.json").write_text(json.dumps({**position, "step": step}))
-    for old in sorted(state_dir.glob(f"{CHECKPOINT_PREFIX}*"))[:-2]:
-        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        for old in sorted(state_dir.glob(f"{CHECKPOINT_PREFIX}*"))[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
     return target
 
 
@@ -339,8 +356,7 @@ def train(
             epoch,
             micro_in_epoch,
         )
-    if step >= plan.llm_start_step and any(g["name"] == "llm" for g in groups):
-        set_llm_trainable(accelerator.unwrap_model(model), True)  # also: llm_start_step 0
+    llm_params = [p for g in groups if g["name"] == "llm" for p in g["params"]]
 
     stop = _Stop()
     previous = signal.signal(signal.SIGTERM, stop)
@@ -354,7 +370,6 @@ def train(
     )
     started, tokens, last_loss, micro_losses = time.perf_counter(), 0, float("nan"), []
     micro_per_epoch = plan.steps_per_epoch * plan.grad_accum
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
     try:
         model.train()
         while step < plan.total_steps:
@@ -365,7 +380,10 @@ def train(
                     out = model(**batch)
                     accelerator.backward(out.loss)
                     if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(trainable, recipe.max_grad_norm)
+                        if step < plan.llm_start_step:
+                            drop_gradients(llm_params)  # the connector-only phase
+                        # all of model.parameters(): FSDP's shard-aware clipping needs them
+                        accelerator.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
                         scheduler_due = True
                     else:
                         scheduler_due = False
@@ -379,9 +397,8 @@ def train(
                 scheduler.step()
                 step += 1
                 last_loss, micro_losses = sum(micro_losses) / len(micro_losses), []
-                if step == plan.llm_start_step and any(g["name"] == "llm" for g in groups):
-                    set_llm_trainable(accelerator.unwrap_model(model), True)
-                    log.info("step %d: the LLM is unfrozen", step)
+                if step == plan.llm_start_step and llm_params:
+                    log.info("step %d: the LLM learns from now on", step)
                 _log_step(
                     log_file,
                     accelerator,
@@ -410,7 +427,7 @@ def train(
                         optimizer,
                         scheduler,
                         position,
-                        accelerator.process_index,
+                        accelerator,
                     )
                 if stop.requested:
                     raise Preempted(f"SIGTERM: checkpointed step {step} in {state_dir}; rerun")
@@ -472,7 +489,7 @@ def initial_model(
     from fgvlm.models import vlm as vlm_lib
 
     if base_dir is not None:
-        from fgvlm.models.hub import load_trainable_hub_vlm
+        from fgvlm.models.hub_train import load_trainable_hub_vlm
 
         return load_trainable_hub_vlm(base_dir, device=device)
     template = spec.get("template", "plain")
@@ -572,7 +589,9 @@ def run_training(
                 k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()
             }
 
-    state_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        prepare_state_dir(state_dir, spec)
+    accelerator.wait_for_everyone()
     result = train(
         model,
         batches,
@@ -589,5 +608,20 @@ def run_training(
         log_lines = (state_dir / "train_log.jsonl").read_text().splitlines()
         summary["log_tail"] = [json.loads(line) for line in log_lines[-5:]]
         accelerator.unwrap_model(model).save(out_dir, extra_meta={"training": summary})
+        for checkpoint in state_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+            shutil.rmtree(checkpoint)  # the job is complete: nothing left to resume
     accelerator.wait_for_everyone()
     return summary
+
+
+def prepare_state_dir(state_dir: Path, spec: dict) -> None:
+    """Resume only a run of the same spec: state left by another spec is discarded."""
+    marker = state_dir / "spec.json"
+    wanted = json.dumps(spec, sort_keys=True)
+    if state_dir.exists() and (not marker.exists() or marker.read_text() != wanted):
+        log.warning("%s: state of a different spec; starting afresh", state_dir)
+        shutil.rmtree(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if not marker.exists():
+        with io.atomic_path(marker) as tmp:
+            tmp.write_text(wanted)

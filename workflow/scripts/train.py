@@ -1,19 +1,27 @@
-from fgvlm import logs, stages
+import sys
+
+from fgvlm import launch, logs
 from fgvlm.config import device_of
 
 sm = snakemake  # noqa: F821
 logs.setup(sm.log)
 training = sm.config.get("training") or {}  # operational: not a params trigger
-stages.train_stage(
-    sm.params.spec,
-    sm.output[0],
+# One process here, or torchrun/accelerate on every GPU of the allocation (fgvlm.launch).
+code = launch.run_or_launch(
+    {
+        "spec": sm.params.spec,
+        "out_dir": sm.output[0],
+        "state_dir": sm.params.state_dir,
+        "data_dir": sm.input.data,
+        "clip_dir": sm.input.get("clip"),
+        "llm_dir": sm.input.get("llm"),
+        "init_dir": sm.input.get("init"),
+        "base_dir": sm.input.get("base"),
+        "device": device_of({"device": sm.params.device}),
+        "checkpoint_every": training.get("checkpoint_every", 500),
+        "dataloader_workers": training.get("dataloader_workers", 4),
+    },
     state_dir=sm.params.state_dir,
-    data_dir=sm.input.data,
-    clip_dir=sm.input.get("clip"),
-    llm_dir=sm.input.get("llm"),
-    init_dir=sm.input.get("init"),
-    base_dir=sm.input.get("base"),
-    device=device_of({"device": sm.params.device}),
-    checkpoint_every=training.get("checkpoint_every", 500),
-    dataloader_workers=training.get("dataloader_workers", 4),
+    accelerate_config=training.get("accelerate_config"),
 )
+sys.exit(code)

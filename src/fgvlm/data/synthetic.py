@@ -428,8 +428,11 @@ def _conversation(
     label: int,
     rng: np.random.Generator,
     mc_fraction: float,
+    naming_fraction: float = 0.5,
 ) -> list[dict[str, str]]:
-    """One LLaVA-style conversation about an image of class ``label``."""
+    """One LLaVA-style conversation about an image of class ``label``: a 5-option question
+    (``mc_fraction``), else a naming question (``naming_fraction`` of the rest), else two
+    attribute questions."""
     attrs = classes[label]
     name = family.class_name(attrs)
     kind = rng.uniform()
@@ -441,7 +444,7 @@ def _conversation(
             {"from": "human", "value": f"<image>\n{prompt}"},
             {"from": "gpt", "value": LETTERS[answer]},
         ]
-    if kind < mc_fraction + (1 - mc_fraction) / 2:
+    if kind < mc_fraction + (1 - mc_fraction) * naming_fraction:
         question = str(
             rng.choice(
                 [
@@ -484,6 +487,7 @@ def generate_world(
     train_per_class: int = 40,
     test_per_class: int = 10,
     mc_fraction: float = MC_FRACTION,
+    naming_fraction: float = 0.5,
 ) -> dict[str, Any]:
     """Draw one family as an image-folder benchmark with captions and instructions.
 
@@ -521,7 +525,9 @@ def generate_world(
                 text_rng = np.random.default_rng([seed, family_id, 2, label, i])
                 short, long = _captions(spec, classes[label], details, text_rng)
                 captions.append({"image": relative, "short": short, "long": long})
-                conversation = _conversation(spec, classes, label, text_rng, mc_fraction)
+                conversation = _conversation(
+                    spec, classes, label, text_rng, mc_fraction, naming_fraction
+                )
                 instructions.append({"image": relative, "conversations": conversation})
         for i, record in enumerate(instructions):
             record_id = f"{family}-{i:06d}"

@@ -84,16 +84,18 @@ def bootstrap_ci(
 
 def summarize(
     correct: np.ndarray,
-    labels: np.ndarray,
+    labels: np.ndarray | None,
     unparsable: np.ndarray | None,
     *,
     primary: str,
 ) -> dict[str, Any]:
     """Metrics of one model on one benchmark, JSON-ready.
 
-    Out: {"accuracy", "mean_per_class", "n", "unparsable" (rate), "ci95" ([lo, hi] of the
-    primary statistic), "primary"}; fractions in [0, 1].
+    Out: {"accuracy", "mean_per_class" (null without labels), "n", "unparsable" (rate), "ci95"
+    ([lo, hi] of the primary statistic), "primary"}; fractions in [0, 1].
     """
+    if labels is None and primary != "accuracy":
+        raise ValueError(f"primary statistic {primary!r} needs class labels")
     if primary not in STATISTICS:
         raise ValueError(f"unknown primary statistic {primary!r}; choose one of {STATISTICS}")
     values = _as_bool(correct)
@@ -106,7 +108,7 @@ def summarize(
     low, high = bootstrap_ci(values, labels, statistic=primary)
     return {
         "accuracy": accuracy(values),
-        "mean_per_class": mean_per_class_accuracy(values, labels),
+        "mean_per_class": None if labels is None else mean_per_class_accuracy(values, labels),
         "n": int(values.size),
         "unparsable": rate,
         "ci95": [low, high],

@@ -80,26 +80,34 @@ def load_runner(spec: dict, model_dir: Path, *, device: str = "cpu"):
 
 
 def question_source(
-    benchmark: dict, path: Path
+    benchmark: dict, path: Path, questions_path: Path | None = None
 ) -> tuple[Callable[[], Iterator[tuple[dict, Image.Image | None]]], dict[str, str], dict]:
     """(a fresh-stream factory of (record, image), qid -> answer letter, counts) of a benchmark.
 
-    ``benchmark`` = {"kind": "questions"} for question shards at ``path``, or
-    {"kind": "vlmeval_tsv", "split": ...} for a VLMEvalKit TSV file.
+    ``benchmark`` = {"kind": "questions"} for question shards at ``path`` (answers from the
+    questions file), or {"kind": "vlmeval_tsv", "split": ...} for a VLMEvalKit TSV file
+    (counts then include each question's CircularEval group and category).
     """
     if benchmark["kind"] == "questions":
+        import polars as pl
+
         from fgvlm.data.shards import iter_question_samples
 
-        answers = {
-            record["qid"]: record["answer"]
-            for record, _ in iter_question_samples(path)  # one pass for the answer key
-        }
+        if questions_path is None:
+            raise ValueError("question shards need their questions file for the answer key")
+        key = pl.read_parquet(questions_path, columns=["qid", "answer"])
+        answers = dict(zip(key["qid"].to_list(), key["answer"].to_list(), strict=True))
         return (lambda: iter_question_samples(path)), answers, {"questions": len(answers)}
     if benchmark["kind"] == "vlmeval_tsv":
         from fgvlm.data.vlmeval import scan_vlmeval_tsv
 
         records, counts = scan_vlmeval_tsv(path, split=benchmark.get("split"))
         answers = {r["qid"]: r["answer"] for r in records}
+        counts = {
+            **counts,
+            "groups": {r["qid"]: r["group"] for r in records if r["group"] != r["qid"]},
+            "categories": {r["qid"]: str(r.get("category") or "") for r in records},
+        }
 
         def stream() -> Iterator[tuple[dict, Image.Image]]:
             for record in records:

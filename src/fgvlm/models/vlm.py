@@ -171,6 +171,8 @@ class LlavaVLM(nn.Module):
         self.tokenizer = tokenizer
         self.template = template
         self.meta = dict(meta or {})
+        # FSDP's transformer auto-wrap looks for the LLM's decoder-layer classes here
+        self._no_split_modules = list(getattr(llm, "_no_split_modules", None) or [])
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,7 @@
+from pathlib import Path
+
+from fgvlm import logs, stages
+
+sm = snakemake  # noqa: F821
+logs.setup(sm.log)
+stages.aggregate_ablations(sm.params.study, Path(sm.output.ablations).parent)
