@@ -26,4 +26,4 @@ lint: install
 	$(BIN)/snakemake --lint --configfile config/demo.yaml
 
 clean-demo:
-	rm -rf data results shards models logs benchmarks .snakemake
+	rm -rf data results shards models runs logs benchmarks .snakemake

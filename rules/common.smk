@@ -17,6 +17,9 @@ CLIP_MODELS = fc.clip_model_names(config)
 WORLDS = fc.synthetic_world_names(config)
 VQA_BENCHMARKS = list(config.get("vqa_benchmarks") or {})
 DEVICE = config.get("device", "auto")
+PRETRAIN_JOBS = fc.pretrain_jobs(config)
+TRAINED_RUNS = [row["name"] for row in fc.trained_rows(config)]
+ROWS = {row["name"]: row for row in config.get("ablations") or []}
 
 
 wildcard_constraints:
@@ -27,6 +30,11 @@ wildcard_constraints:
     model="|".join(fc.vlm_models(config)) or "NONE",
     vlm_benchmark="|".join(fc.vlm_benchmarks(config)) or "NONE",
     hub="|".join(config.get("hub_vlms") or {}) or "NONE",
+    pretrain_key="|".join(PRETRAIN_JOBS) or "NONE",
+    run="|".join(TRAINED_RUNS) or "NONE",
+    llm="|".join(config.get("llms") or {}) or "NONE",
+    base="|".join(config.get("base_vlms") or {}) or "NONE",
+    data="|".join(config.get("train_data") or {}) or "NONE",
 
 
 def rule_resources(rule_name):
@@ -52,29 +60,28 @@ def manifest_inputs(wildcards):
     return {}
 
 
+def rule_threads(rule_name):
+    """Threads of a family of rules = its configured CPUs (config.resources.<name>.cpus)."""
+    return (config["resources"].get(rule_name) or {}).get("cpus", 1)
+
+
 def clip_dir(name):
     return f"models/clip/{name}"
 
 
 def clip_source_inputs(wildcards):
-    """A randomly initialised CLIP depends on its model-config file."""
+    """A tiny CLIP depends on its model-config file and the worlds it is pre-trained on."""
     source = config["clip_models"][wildcards.clip]["source"]
-    return [source["model_config"]] if source["type"] == "random_init" else []
+    if source["type"] != "random_init":
+        return {}
+    worlds = (source.get("pretrain") or {}).get("worlds", [])
+    return {
+        "model_config": source["model_config"],
+        "worlds": [f"data/synthetic/{w}" for w in worlds],
+    }
 
 
 # --- training ---------------------------------------------------------------------------------
-
-PRETRAIN_JOBS = fc.pretrain_jobs(config)
-TRAINED_RUNS = [row["name"] for row in fc.trained_rows(config)]
-ROWS = {row["name"]: row for row in config.get("ablations") or []}
-
-
-wildcard_constraints:
-    pretrain_key="|".join(PRETRAIN_JOBS) or "NONE",
-    run="|".join(TRAINED_RUNS) or "NONE",
-    llm="|".join(config.get("llms") or {}) or "NONE",
-    base="|".join(config.get("base_vlms") or {}) or "NONE",
-    data="|".join(config.get("train_data") or {}) or "NONE",
 
 
 def world_dirs(worlds):

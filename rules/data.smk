@@ -8,6 +8,7 @@ rule synthesize_world:
         "logs/synthesize_world/{world}.log",
     conda:
         "../envs/fgvlm.yaml"
+    threads: rule_threads("synthesize")
     resources:
         **rule_resources("synthesize"),
     params:
@@ -27,6 +28,7 @@ rule build_manifest:
         "logs/build_manifest/{benchmark}.log",
     conda:
         "../envs/fgvlm.yaml"
+    threads: rule_threads("download")
     resources:
         **rule_resources("download"),
     params:
@@ -43,6 +45,7 @@ rule vqa_benchmark:
         "logs/vqa_benchmark/{vqa}.log",
     conda:
         "../envs/fgvlm.yaml"
+    threads: rule_threads("download")
     resources:
         **rule_resources("download"),
     params:

@@ -15,6 +15,7 @@ rule eval_clip:
         "benchmarks/eval_clip/{clip}/{benchmark}.tsv"
     conda:
         "../envs/fgvlm.yaml"
+    threads: rule_threads("eval_clip")
     resources:
         **rule_resources("eval_clip"),
     params:
@@ -48,6 +49,7 @@ rule eval_vlm:
         "benchmarks/eval_vlm/{model}/{vlm_benchmark}.tsv"
     conda:
         "../envs/fgvlm.yaml"
+    threads: rule_threads("eval_vlm")
     resources:
         **rule_resources("eval_vlm"),
     params:

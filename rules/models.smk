@@ -3,13 +3,14 @@
 
 rule fetch_clip:
     input:
-        clip_source_inputs,
+        unpack(clip_source_inputs),
     output:
         directory("models/clip/{clip}"),
     log:
         "logs/fetch_clip/{clip}.log",
     conda:
         "../envs/fgvlm.yaml"
+    threads: rule_threads("fetch_model")
     resources:
         **rule_resources("fetch_model"),
     params:
@@ -27,6 +28,7 @@ rule materialize_hub_vlm:
         "logs/materialize_hub_vlm/{hub}.log",
     conda:
         "../envs/fgvlm.yaml"
+    threads: rule_threads("fetch_model")
     resources:
         **rule_resources("fetch_model"),
     params:

@@ -15,6 +15,7 @@ rule mine_questions:
         "benchmarks/mine_questions/{benchmark}.tsv"
     conda:
         "../envs/fgvlm.yaml"
+    threads: rule_threads("mine_questions")
     resources:
         **rule_resources("mine_questions"),
     params:
@@ -35,6 +36,7 @@ rule shard_questions:
         "logs/shard_questions/{benchmark}.log",
     conda:
         "../envs/fgvlm.yaml"
+    threads: rule_threads("shard")
     resources:
         **rule_resources("shard"),
     params:

@@ -16,6 +16,7 @@ rule aggregate_ablations:
         "logs/aggregate/ablations.log",
     conda:
         "../envs/fgvlm.yaml"
+    threads: rule_threads("aggregate")
     resources:
         **rule_resources("aggregate"),
     params:
@@ -33,6 +34,7 @@ rule aggregate_models:
         "logs/aggregate/models.log",
     conda:
         "../envs/fgvlm.yaml"
+    threads: rule_threads("aggregate")
     resources:
         **rule_resources("aggregate"),
     params:
@@ -58,9 +60,11 @@ rule figures:
         "logs/aggregate/figures.log",
     conda:
         "../envs/fgvlm.yaml"
+    threads: rule_threads("aggregate")
     resources:
         **rule_resources("aggregate"),
     params:
         confusion_title=lambda wc, input: f"Per-class accuracy and confusions: {input.details}",
+        row_encoders=fc.row_encoders(config),
     script:
         "../workflow/scripts/figures.py"

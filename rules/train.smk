@@ -11,6 +11,7 @@ rule materialize_llm:
         "logs/materialize_llm/{llm}.log",
     conda:
         "../envs/fgvlm.yaml"
+    threads: rule_threads("fetch_model")
     resources:
         **rule_resources("fetch_model"),
     params:
@@ -28,6 +29,7 @@ rule materialize_base_vlm:
         "logs/materialize_base_vlm/{base}.log",
     conda:
         "../envs/fgvlm.yaml"
+    threads: rule_threads("fetch_model")
     resources:
         **rule_resources("fetch_model"),
     params:
@@ -45,6 +47,7 @@ rule shard_train_data:
         "logs/shard_train_data/{data}.log",
     conda:
         "../envs/fgvlm.yaml"
+    threads: rule_threads("download")
     resources:
         **rule_resources("download"),
     params:
@@ -65,6 +68,7 @@ rule pretrain:
         "benchmarks/pretrain/{pretrain_key}.tsv"
     conda:
         "../envs/fgvlm.yaml"
+    threads: rule_threads("pretrain")
     resources:
         **rule_resources("pretrain"),
     params:
@@ -86,6 +90,7 @@ rule finetune:
         "benchmarks/finetune/{run}.tsv"
     conda:
         "../envs/fgvlm.yaml"
+    threads: rule_threads("finetune")
     resources:
         **rule_resources("finetune"),
     params:

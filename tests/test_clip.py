@@ -363,3 +363,31 @@ def test_evaluate_clip_on_tiny_model_restricting_to_options_never_hurts(tiny):
     assert metrics["accuracy"] >= metrics["nway_accuracy"]
     assert metrics["primary"] == "mean_per_class"
     assert metrics["ci95"][0] <= metrics["mean_per_class"] <= metrics["ci95"][1]
+
+
+def test_contrastive_pretraining_learns_and_reloads(tmp_path):
+    from fgvlm.data.synthetic import generate_world
+    from fgvlm.models.clip import contrastive_pretrain
+    from fgvlm.stages import world_pairs
+
+    world = tmp_path / "world"
+    generate_world(world, family="shapes", seed=0, train_per_class=2, test_per_class=1)
+    config = resources.files("fgvlm.resources").joinpath("clip_configs/tiny-vit.json")
+    materialize_random_clip(Path(str(config)), tmp_path / "init", seed=0)
+    pairs = world_pairs([world])
+    assert len(pairs) == 2 * 24 * 2  # class prompt + long caption per train image
+    summary = contrastive_pretrain(
+        tmp_path / "init", tmp_path / "trained", pairs, steps=25, seed=0, batch_size=32, lr=2e-3
+    )
+    assert summary["last_loss"] < summary["first_loss"]
+    trained = load_clip(tmp_path / "trained")
+    init = load_clip(tmp_path / "init")
+    changed = [
+        name
+        for name, value in trained.model.state_dict().items()
+        if not torch.equal(value, init.model.state_dict()[name])
+    ]
+    assert changed  # the saved weights are the trained ones, loaded through pretrained=<file>
+    assert (
+        json.loads((tmp_path / "trained" / "clip.json").read_text())["pretraining"]["steps"] == 25
+    )

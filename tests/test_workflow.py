@@ -136,16 +136,75 @@ def test_no_change_reruns_nothing(demo_run):
     assert planned_jobs(demo_run, "--configfile", str(demo_config(demo_run))) == Counter()
 
 
-@pytest.mark.slow
-def test_changed_miner_template_reruns_mining_shards_and_clip_eval_only(demo_run):
-    config = demo_config(demo_run, **{"miner.templates": ["a blurry photo of a {c}"]})
-    jobs = planned_jobs(demo_run, "--configfile", str(config))
+def demo_counts(config: Path) -> dict:
     demo = yaml.safe_load(config.read_text())
-    n_bench = len(demo["benchmarks"])
-    assert jobs == Counter(
-        mine_questions=n_bench,
-        shard_questions=n_bench,
-        eval_clip=n_bench * len(demo["clip_eval"]["models"]),
+    return {
+        "fine": len(demo["benchmarks"]),
+        "vqa": len(demo["vqa_benchmarks"]),
+        "clip": len(demo["clip_eval"]["models"]),
+        "vlms": len([r for r in demo["ablations"] if "hub" not in r]) + len(demo["hub_vlms"]),
+    }
+
+
+@pytest.mark.slow
+def test_demo_builds_the_ablation_table(demo_run):
+    table = pl.read_csv(demo_run / "results" / "tables" / "ablations.csv")
+    demo = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    assert table["run"].to_list() == [row["name"] for row in demo["ablations"]]
+    for column in [*demo["benchmarks"], *demo["vqa_benchmarks"], "classification", "vlm"]:
+        assert table[column].null_count() == 0
+        assert table[column].is_between(0, 100).all()
+    effects = pl.read_csv(demo_run / "results" / "tables" / "effects.csv")
+    assert effects.height > 0 and effects["classification_p"].null_count() == 0
+    for name in ("figure2", "figure4", "figure8", "confusion"):
+        assert (demo_run / "results" / "figures" / f"{name}.svg").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_changed_miner_template_reruns_questions_evaluations_and_aggregation(demo_run):
+    config = demo_config(demo_run, **{"miner.templates": ["a blurry photo of a {c}"]})
+    n = demo_counts(config)
+    assert planned_jobs(demo_run, "--configfile", str(config)) == Counter(
+        mine_questions=n["fine"],
+        shard_questions=n["fine"],
+        eval_clip=n["fine"] * n["clip"],
+        eval_vlm=n["fine"] * n["vlms"],  # VQA evaluations do not read the questions
+        aggregate_ablations=1,
+        aggregate_models=1,
+        figures=1,
+        all=1,
+    )  # and no training
+
+
+@pytest.mark.slow
+def test_changed_finetune_lr_of_one_row_reruns_that_row_only(demo_run):
+    demo = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    rows = demo["ablations"]
+    index = next(i for i, row in enumerate(rows) if row["name"] == "p8_llama_short")
+    rows[index] = {**rows[index], "recipes": {"finetune": {"llm_lr": 2.0e-3}}}
+    config = demo_config(demo_run, ablations=rows)
+    n = demo_counts(config)
+    assert planned_jobs(demo_run, "--configfile", str(config)) == Counter(
+        finetune=1,
+        eval_vlm=n["fine"] + n["vqa"],
+        aggregate_ablations=1,
+        figures=1,
+        all=1,
+    )
+
+
+@pytest.mark.slow
+def test_new_row_adds_only_its_jobs_and_shares_pretraining(demo_run):
+    demo = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    base = next(row for row in demo["ablations"] if row["name"] == "p8_llama_short")
+    new = {**base, "name": "p8_llama_short_lr2", "recipes": {"finetune": {"llm_lr": 2.0e-3}}}
+    config = demo_config(demo_run, ablations=[*demo["ablations"], new])
+    n = demo_counts(config)
+    assert planned_jobs(demo_run, "--configfile", str(config)) == Counter(
+        finetune=1,  # no pretrain job: the row shares p8_llama_short's pretraining
+        eval_vlm=n["fine"] + n["vqa"],
+        aggregate_ablations=1,
+        figures=1,
         all=1,
     )
 
@@ -153,8 +212,7 @@ def test_changed_miner_template_reruns_mining_shards_and_clip_eval_only(demo_run
 @pytest.mark.slow
 def test_changed_clip_eval_template_reruns_only_clip_eval(demo_run):
     config = demo_config(demo_run, **{"clip_eval.templates": ["itap of a {c}"]})
-    jobs = planned_jobs(demo_run, "--configfile", str(config))
-    demo = yaml.safe_load(config.read_text())
-    assert jobs == Counter(
-        eval_clip=len(demo["benchmarks"]) * len(demo["clip_eval"]["models"]), all=1
+    n = demo_counts(config)
+    assert planned_jobs(demo_run, "--configfile", str(config)) == Counter(
+        eval_clip=n["fine"] * n["clip"], aggregate_models=1, figures=1, all=1
     )

@@ -119,6 +119,95 @@ def cmd_eval_clip(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_materialize_llm(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    llm = _lookup(cfg, "llms", args.llm)
+    worlds = [f"data/synthetic/{w}" for w in fc.synthetic_world_names(cfg)]
+    stages.materialize_llm(llm["source"], args.out or f"models/llm/{args.llm}", world_dirs=worlds)
+
+
+def cmd_shard_train(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    source = _lookup(cfg, "train_data", args.data)["source"]
+    index = stages.shard_train_data(
+        source,
+        args.out or f"shards/train/{args.data}",
+        raw_dir=f"data/raw/train/{args.data}",
+        world_dirs=[f"data/synthetic/{w}" for w in source.get("worlds", [])],
+        samples_per_shard=(cfg.get("training") or {}).get("samples_per_shard", 10000),
+    )
+    print(f"{len(index['shards'])} shards, {index['total']} samples")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """One pretraining (--pretrain KEY) or finetuning (--run NAME) job, resumable."""
+    cfg = _config(args)
+    training = cfg.get("training") or {}
+    if args.pretrain:
+        jobs = fc.pretrain_jobs(cfg)
+        if args.pretrain not in jobs:
+            raise fc.ConfigError(f"no pretraining job {args.pretrain!r} (known: {', '.join(jobs)})")
+        spec, out = jobs[args.pretrain], f"runs/{args.pretrain}/pretrain"
+        inputs = {
+            "clip_dir": f"models/clip/{fc.encoder_clip(cfg, spec['encoder'])}",
+            "llm_dir": f"models/llm/{spec['llm']}",
+            "data_dir": f"shards/train/{spec['data']}",
+        }
+    else:
+        rows = {row["name"]: row for row in fc.trained_rows(cfg)}
+        if args.run not in rows:
+            raise fc.ConfigError(f"no trained ablation row {args.run!r}")
+        row = rows[args.run]
+        spec, out = fc.finetune_spec(cfg, row), f"runs/{args.run}/finetune"
+        inputs = {"data_dir": f"shards/train/{spec['data']}"}
+        if row["arch"] == "qwen2_vl":
+            inputs["base_dir"] = f"models/base/{row['base']}"
+        else:
+            inputs["clip_dir"] = f"models/clip/{fc.encoder_clip(cfg, row['vision_encoder'])}"
+            inputs["llm_dir"] = f"models/llm/{row['llm']}"
+            key = fc.pretrain_key_of(cfg, row)
+            if key:
+                inputs["init_dir"] = f"runs/{key}/pretrain"
+    stages.train_stage(
+        spec,
+        args.out or out,
+        state_dir=f"{args.out or out}.state",
+        device=fc.device_of(cfg),
+        checkpoint_every=training.get("checkpoint_every", 500),
+        dataloader_workers=training.get("dataloader_workers", 0),
+        **inputs,
+    )
+
+
+def cmd_eval_vlm(args: argparse.Namespace) -> None:
+    cfg = _config(args)
+    if args.model not in fc.vlm_models(cfg):
+        raise fc.ConfigError(f"no VLM {args.model!r} (known: {', '.join(fc.vlm_models(cfg))})")
+    if args.benchmark not in fc.vlm_benchmarks(cfg):
+        raise fc.ConfigError(f"no benchmark {args.benchmark!r}")
+    evaluation = cfg.get("evaluation") or {}
+    fine = args.benchmark in cfg["benchmarks"]
+    stem = f"results/{{}}/{args.model}/{args.benchmark}"
+    metrics = stages.eval_vlm(
+        fc.vlm_eval_spec(cfg, args.model, args.benchmark),
+        args.model_dir or fc.vlm_model_dir(cfg, args.model),
+        f"shards/questions/{args.benchmark}" if fine else f"data/vqa/{args.benchmark}.tsv",
+        stem.format("predictions") + ".parquet",
+        stem.format("metrics") + ".json",
+        stem.format("metrics") + ".details.json",
+        parts_dir=stem.format("parts"),
+        questions_path=f"results/questions/{args.benchmark}.parquet" if fine else None,
+        batch_size=evaluation.get("batch_size", 16),
+        part_size=evaluation.get("part_size", 512),
+        device=fc.device_of(cfg),
+    )
+    print(
+        f"{args.model} on {args.benchmark}: {metrics['primary']} "
+        f"{metrics[metrics['primary']]:.3f} ({metrics['mode']}; n={metrics['n']}, "
+        f"agreement with generate {metrics['agreement_with_generate']:.3f})"
+    )
+
+
 def cmd_aggregate(args: argparse.Namespace) -> None:
     from fgvlm.report.aggregate import aggregate
 
@@ -190,6 +279,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", required=True)
     for opt in ("--shards", "--classes", "--clip-dir", "--predictions", "--metrics"):
         p.add_argument(opt)
+
+    p = add("materialize-llm", cmd_materialize_llm, "Fetch an LLM or create a tiny one.")
+    p.add_argument("--llm", required=True)
+    p.add_argument("--out")
+
+    p = add("shard-train", cmd_shard_train, "Write a training-data source as shards.")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out")
+
+    p = add("train", cmd_train, "Run one pretraining or finetuning job (resumable).")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--pretrain", metavar="KEY", help="a pretraining job (fgvlm.config.pretrain_jobs)"
+    )
+    which.add_argument("--run", metavar="NAME", help="a trained ablation row (its finetuning)")
+    p.add_argument("--out")
+
+    p = add("eval-vlm", cmd_eval_vlm, "Evaluate one VLM on one benchmark (resumable).")
+    p.add_argument("--model", required=True, help="a trained row name or hub-<name>")
+    p.add_argument("--benchmark", required=True)
+    p.add_argument("--model-dir")
 
     p = add(
         "aggregate",

@@ -493,3 +493,12 @@ def models_spec(config: dict) -> dict:
         },
         "encoders": {f"hub-{k}": v["clip"] for k, v in hub.items() if v.get("clip") in clips},
     }
+
+
+def row_encoders(config: dict) -> dict[str, str]:
+    """Trained LLaVA-architecture rows -> the CLIP model of their vision tower (Figure 3)."""
+    return {
+        row["name"]: encoder_clip(config, row["vision_encoder"])
+        for row in trained_rows(config)
+        if row["arch"] == "llava"
+    }

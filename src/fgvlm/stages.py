@@ -35,6 +35,18 @@ def synthesize_world(world: dict, out_dir: str | Path) -> dict:
     return summary
 
 
+def world_pairs(world_dirs: list[str | Path]) -> list[tuple[Path, str]]:
+    """(train image, text) pairs of synthetic worlds for CLIP pretraining: each image with
+    "a photo of a <class>" and with its long caption."""
+    pairs = []
+    for world in map(Path, world_dirs):
+        for row in _jsonl(world / "captions.jsonl"):
+            image = world / row["image"]
+            classname = image.parent.name.replace("_", " ")
+            pairs += [(image, f"a photo of a {classname}"), (image, row["long"])]
+    return pairs
+
+
 def build_manifest(
     spec: dict,
     manifest_path: str | Path,
@@ -110,14 +122,31 @@ def _classnames(spec: dict, frame: pl.DataFrame, world_dir: str | Path | None) -
     return pairs["classname"].to_list()
 
 
-def fetch_clip(source: dict, out_dir: str | Path) -> None:
-    """Fetch released CLIP weights, or materialize a randomly initialised tiny CLIP, into ``out_dir``."""
+def fetch_clip(source: dict, out_dir: str | Path, *, world_dirs: list[str | Path] = ()) -> None:
+    """Fetch released CLIP weights, or materialize a tiny CLIP (random init, then optionally
+    contrastive pretraining on the synthetic worlds' train images) into ``out_dir``."""
     from fgvlm.models import clip
 
     if source["type"] == "open_clip":
         clip.fetch_pretrained_clip(
             source["arch"], source["pretrained"], Path(out_dir), revision=source.get("revision")
         )
+    elif source["type"] == "random_init" and "pretrain" in source:
+        import tempfile
+
+        pretrain = source["pretrain"]
+        with tempfile.TemporaryDirectory(dir=Path(out_dir).parent) as tmp:
+            init = Path(tmp) / "init"
+            clip.materialize_random_clip(Path(source["model_config"]), init, source["seed"])
+            summary = clip.contrastive_pretrain(
+                init,
+                Path(out_dir),
+                world_pairs(world_dirs),
+                steps=pretrain["steps"],
+                seed=source["seed"],
+                lr=pretrain.get("lr", 1e-3),
+            )
+        log.info("CLIP pretraining %s: %s", out_dir, summary)
     elif source["type"] == "random_init":
         clip.materialize_random_clip(Path(source["model_config"]), Path(out_dir), source["seed"])
     else:
@@ -420,6 +449,9 @@ def eval_vlm(
             predictions["pred"].is_null().to_numpy(),
         )
     else:
+        predictions = predictions.with_columns(
+            pl.col("qid").replace_strict(counts["groups"], default=pl.col("qid")).alias("group")
+        )
         correct, unparsable, details = _vqa_correctness(predictions, counts)
         labels = None
     metrics = summarize(correct, labels, unparsable, primary=benchmark["metric"])
@@ -436,12 +468,11 @@ def eval_vlm(
 
 def _vqa_correctness(predictions: pl.DataFrame, counts: dict):
     """Per-question (or, for MMBench's CircularEval copies, per-group: all copies right)
-    correctness, unparsable flags, and per-category accuracy."""
+    correctness, unparsable flags, and per-category accuracy. ``predictions`` has a ``group``
+    column (the question itself when it has no copies)."""
     import numpy as np
 
-    groups = counts.get("groups") or {}
     frame = predictions.with_columns(
-        pl.col("qid").replace_strict(groups, default=pl.col("qid")).alias("group"),
         pl.col("qid").replace_strict(counts.get("categories") or {}, default="").alias("category"),
     )
     grouped = frame.group_by("group", maintain_order=True).agg(
@@ -537,16 +568,32 @@ def make_figures(
     out_dir: str | Path,
     *,
     confusion_title: str,
+    row_encoders: dict[str, str] | None = None,
 ) -> list[Path]:
-    """Figures 2-8 and a per-class confusion view, as SVG and HTML in ``out_dir``."""
+    """Figures 2-8 and a per-class confusion view, as SVG and HTML in ``out_dir``.
+
+    ``row_encoders`` maps trained ablation runs to the CLIP model of their vision tower, so that
+    Figure 3 sets them beside their encoders too (hub VLMs only where the config names one).
+    """
     from fgvlm.report import figures
 
     tables_dir, out_dir = Path(tables_dir), Path(out_dir)
-    models = pl.read_csv(models_csv)
+    models = pl.read_csv(models_csv, schema_overrides={"clip": pl.Utf8})
+    ablations = pl.read_csv(tables_dir / "ablations.csv")
+    trained = ablations.filter(pl.col("run").is_in(list(row_encoders or {}))).select(
+        model=pl.col("run"),
+        label=pl.col("run"),
+        kind=pl.lit("vlm"),
+        clip=pl.col("run").replace_strict(row_encoders or {}, return_dtype=pl.Utf8),
+        fine_grained=pl.col("classification"),
+        general=pl.col("vlm"),
+        n_way=pl.lit(None, dtype=pl.Float64),
+    )
+    with_rows = pl.concat([models.select(trained.columns), trained], how="vertical_relaxed")
     pairs = pl.read_csv(tables_dir / "effects.csv", infer_schema_length=None)
     charts = {
         "figure2": figures.figure2_fine_vs_general(models),
-        "figure3": figures.figure3_vlm_vs_encoder(models),
+        "figure3": figures.figure3_vlm_vs_encoder(with_rows),
         **{
             name: figures.factor_figure(pairs, factor)
             for name, factor in figures.FIGURE_FACTORS.items()

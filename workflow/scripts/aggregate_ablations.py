@@ -3,5 +3,5 @@ from pathlib import Path
 from fgvlm import logs, stages
 
 sm = snakemake  # noqa: F821
-logs.setup(sm.log)
+logs.setup(sm.log, threads=sm.threads)
 stages.aggregate_ablations(sm.params.study, Path(sm.output.ablations).parent)

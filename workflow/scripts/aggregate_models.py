@@ -1,5 +1,5 @@
 from fgvlm import logs, stages
 
 sm = snakemake  # noqa: F821
-logs.setup(sm.log)
+logs.setup(sm.log, threads=sm.threads)
 stages.aggregate_models(sm.params.study, sm.output[0])

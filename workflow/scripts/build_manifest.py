@@ -1,7 +1,7 @@
 from fgvlm import logs, stages
 
 sm = snakemake  # noqa: F821
-logs.setup(sm.log)
+logs.setup(sm.log, threads=sm.threads)
 stages.build_manifest(
     sm.params.spec,
     sm.output.manifest,

@@ -1,4 +1,5 @@
 from fgvlm import logs, stages
 
-logs.setup(snakemake.log)  # noqa: F821
-stages.fetch_clip(snakemake.params.source, snakemake.output[0])  # noqa: F821
+sm = snakemake  # noqa: F821
+logs.setup(sm.log, threads=sm.threads)
+stages.fetch_clip(sm.params.source, sm.output[0], world_dirs=list(sm.input.get("worlds", [])))

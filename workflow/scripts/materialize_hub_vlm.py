@@ -1,5 +1,5 @@
 from fgvlm import logs, stages
 
 sm = snakemake  # noqa: F821
-logs.setup(sm.log)
+logs.setup(sm.log, threads=sm.threads)
 stages.materialize_hub_vlm(sm.params.vlm, sm.output[0], text_model_dir=sm.input.get("text_model"))

@@ -1,5 +1,5 @@
 from fgvlm import logs, stages
 
 sm = snakemake  # noqa: F821
-logs.setup(sm.log)
+logs.setup(sm.log, threads=sm.threads)
 stages.materialize_llm(sm.params.source, sm.output[0], world_dirs=list(sm.input))

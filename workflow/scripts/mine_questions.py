@@ -2,7 +2,7 @@ from fgvlm import logs, stages
 from fgvlm.config import device_of
 
 sm = snakemake  # noqa: F821
-logs.setup(sm.log)
+logs.setup(sm.log, threads=sm.threads)
 stages.mine(
     sm.input.manifest,
     sm.input.classes,

@@ -1,7 +1,7 @@
 from fgvlm import logs, stages
 
 sm = snakemake  # noqa: F821
-logs.setup(sm.log)
+logs.setup(sm.log, threads=sm.threads)
 stages.shard(
     sm.input.questions,
     sm.input.manifest,

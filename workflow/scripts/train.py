@@ -4,7 +4,7 @@ from fgvlm import launch, logs
 from fgvlm.config import device_of
 
 sm = snakemake  # noqa: F821
-logs.setup(sm.log)
+logs.setup(sm.log, threads=sm.threads)
 training = sm.config.get("training") or {}  # operational: not a params trigger
 # One process here, or torchrun/accelerate on every GPU of the allocation (fgvlm.launch).
 code = launch.run_or_launch(

@@ -1,4 +1,4 @@
 from fgvlm import logs, stages
 
-logs.setup(snakemake.log)  # noqa: F821
+logs.setup(snakemake.log, threads=snakemake.threads)  # noqa: F821
 stages.vqa_benchmark(snakemake.params.source, snakemake.output[0])  # noqa: F821

@@ -317,3 +317,52 @@ def encode_class_prompts(
         mean = encode_texts(clip, prompts, device).mean(axis=0)
         rows.append(mean / np.linalg.norm(mean))
     return np.stack(rows).astype(np.float32)
+
+
+def contrastive_pretrain(
+    weights_dir: Path,
+    out_dir: Path,
+    pairs: list[tuple[Path, str]],
+    *,
+    steps: int,
+    seed: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+) -> dict[str, float]:
+    """Train a CLIP on (image file, caption) pairs with the CLIP loss and save it to ``out_dir``.
+
+    The demo's tiny CLIPs are pre-trained this way on the synthetic worlds, as released CLIPs
+    arrive pre-trained: mining then finds real hard negatives, and baselines mean something.
+    Loads ``weights_dir`` through ``load_clip`` and writes the same layout atomically.
+    Deterministic for a seed (single-threaded CPU math aside). Returns first/last loss.
+    """
+    from open_clip.loss import ClipLoss
+
+    if not pairs:
+        raise ValueError("contrastive_pretrain: no (image, caption) pairs")
+    clip = load_clip(weights_dir)
+    model = clip.model.train()
+    loss_fn = ClipLoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    images = [clip.preprocess(Image.open(path).convert("RGB")) for path, _ in pairs]
+    texts = clip.tokenizer([text for _, text in pairs])
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in tqdm(range(steps), desc="CLIP pretraining", unit="step"):
+            index = torch.randperm(len(pairs), generator=generator)[:batch_size]
+            out = model(torch.stack([images[i] for i in index]), texts[index])
+            if isinstance(out, dict):
+                out = (out["image_features"], out["text_features"], out["logit_scale"])
+            loss = loss_fn(*out[:3])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+    entry = read_json(weights_dir / CONFIG_FILE)
+    entry["pretraining"] = {"pairs": len(pairs), "steps": steps, "seed": seed, "lr": lr}
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        _save_state_dict(model.state_dict(), tmp / WEIGHTS_FILE)
+        write_json(entry, tmp / CONFIG_FILE)
+    return {"first_loss": losses[0], "last_loss": float(np.mean(losses[-10:]))}

@@ -340,7 +340,8 @@ def collect_paired(
     benchmarks: Sequence[str],
 ) -> dict[tuple[str, str], pl.DataFrame]:
     """Per-question correctness for ``effects.factor_effects``: {(model, benchmark): qid,
-    correct[, label]} from ``results_dir``/predictions/<model>/<benchmark>.parquet. Where the
+    correct[, label]} from ``results_dir``/predictions/<model>/<benchmark>.parquet (per
+    CircularEval group where the predictions have a ``group`` column). Where the
     metrics JSON's ``primary`` is mean_per_class, the label comes from
     ``results_dir``/questions/<benchmark>.parquet so that intervals are per class too."""
     results_dir = Path(results_dir)
@@ -355,6 +356,10 @@ def collect_paired(
         missing = [c for c in ("qid", "correct") if c not in frame.columns]
         if missing:
             raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
+        if "group" in frame.columns:
+            # CircularEval (MMBench): a question counts once, right only if all its copies are
+            frame = frame.group_by("group", maintain_order=True).agg(pl.col("correct").all())
+            frame = frame.rename({"group": "qid"})
         frame = frame.select("qid", pl.col("correct").cast(pl.Boolean))
         metrics_path = results_dir / "metrics" / folder / f"{bench}.json"
         primary = io.read_json(metrics_path).get("primary") if metrics_path.is_file() else None

@@ -1,0 +1,146 @@
+"""A training job killed mid-way (SIGTERM, SIGKILL) and rerun ends with the weights of an
+uninterrupted run: real processes, the real model, data and trainer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from fgvlm import stages
+from fgvlm.data.synthetic import generate_world
+from fgvlm.models.clip import materialize_random_clip
+
+SPEC = {
+    "run": "resume_test",
+    "arch": "llava",
+    "data": "instructions",
+    "template": "vicuna_v1",
+    "seed": 3,
+    "recipe": {
+        "stage": "finetune",
+        "updating": "full",
+        "connector_lr": 1e-3,
+        "llm_lr": 1e-3,
+        "global_batch": 8,
+        "per_device_batch": 4,
+        "epochs": 3,
+        "warmup_ratio": 0.1,
+    },
+}
+
+DRIVER = """
+import json, sys, torch
+torch.set_num_threads(1)
+from fgvlm import logs, stages
+logs.setup()
+args = json.loads(sys.argv[1])
+stages.train_stage(**args)
+"""
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("resume")
+    world = root / "world"
+    generate_world(world, family="shapes", seed=1, train_per_class=3, test_per_class=1)
+    config = resources.files("fgvlm.resources").joinpath("clip_configs/tiny-vit.json")
+    materialize_random_clip(Path(str(config)), root / "clip", seed=0)
+    stages.materialize_llm(
+        {
+            "type": "tiny",
+            "family": "llama",
+            "seed": 0,
+            "hidden_size": 32,
+            "layers": 1,
+            "text_pretrain_steps": 5,
+        },
+        root / "llm",
+        world_dirs=[world],
+    )
+    stages.shard_train_data(
+        {"type": "synthetic_instructions", "worlds": ["world"]},
+        root / "shards",
+        raw_dir=root / "raw",
+        world_dirs=[world],
+        samples_per_shard=16,
+    )
+    return {
+        "clip_dir": str(root / "clip"),
+        "llm_dir": str(root / "llm"),
+        "data_dir": str(root / "shards"),
+    }
+
+
+def start(assets: dict, out: Path) -> subprocess.Popen:
+    args = {
+        "spec": SPEC,
+        "out_dir": str(out),
+        "state_dir": str(out) + ".state",
+        "checkpoint_every": 2,
+        "device": "cpu",
+        **assets,
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-c", DRIVER, json.dumps(args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, state_dir: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not list(state_dir.glob("step-*")):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"no checkpoint appeared: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.02)
+
+
+def weights(out: Path) -> dict:
+    return load_file(out / "model.safetensors")
+
+
+def training_meta(out: Path) -> dict:
+    return json.loads((out / "fgvlm_vlm.json").read_text())["training"]
+
+
+@pytest.fixture(scope="module")
+def reference(assets, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "model"
+    proc = start(assets, out)
+    assert proc.wait(timeout=300) == 0, proc.communicate()[1][-2000:]
+    assert training_meta(out)["result"]["resumed_from"] == 0
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_killed_run_resumes_to_identical_weights(assets, reference, tmp_path, sig):
+    out = tmp_path / "model"
+    state = Path(str(out) + ".state")
+    proc = start(assets, out)
+    wait_for_checkpoint(proc, state)
+    proc.send_signal(sig)
+    code = proc.wait(timeout=120)
+    assert code != 0, "the job should have been interrupted"
+    if sig == signal.SIGTERM:
+        assert "Preempted" in proc.communicate()[1]  # it checkpointed and asked for a rerun
+    assert not out.exists()  # nothing that looks complete
+    rerun = start(assets, out)
+    assert rerun.wait(timeout=300) == 0, rerun.communicate()[1][-2000:]
+    resumed = training_meta(out)["result"]["resumed_from"]
+    assert 0 < resumed < training_meta(reference)["plan"]["total_steps"]
+    expected, got = weights(reference), weights(out)
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        assert (tensor == got[name]).all(), name
