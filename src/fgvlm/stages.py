@@ -329,11 +329,19 @@ def shard_train_data(
     raw_dir: str | Path,
     world_dirs: list[str | Path],
     samples_per_shard: int,
+    shuffle_seed: int = 0,
 ) -> dict:
-    """Write one training-data source as conversation shards."""
+    """Write one training-data source as conversation shards, in a seeded random order.
+
+    Sources list their samples grouped (by class, by dataset); the trainer reads whole shards
+    and shuffles only within a buffer, so the shards themselves must be mixed.
+    """
+    import random
+
     from fgvlm.data.shards import write_conversation_shards
 
-    samples = training_samples(source, raw_dir=raw_dir, world_dirs=world_dirs)
+    samples = list(training_samples(source, raw_dir=raw_dir, world_dirs=world_dirs))
+    random.Random(shuffle_seed).shuffle(samples)
     return write_conversation_shards(samples, Path(out_dir), samples_per_shard=samples_per_shard)
 
 

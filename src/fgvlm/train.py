@@ -390,7 +390,7 @@ def train(
                     optimizer.step()  # a no-op until the accumulation cycle completes
                     optimizer.zero_grad(set_to_none=True)
                 micro_in_epoch += 1
-                tokens += int(batch["attention_mask"].sum())
+                tokens += _lm_positions(accelerator.unwrap_model(model), batch)
                 micro_losses.append(float(out.loss.detach()))
                 if not scheduler_due:
                     continue
@@ -446,6 +446,16 @@ def train(
         if log_file:
             log_file.close()
     return TrainResult(step, time.perf_counter() - started, last_loss, resumed)
+
+
+def _lm_positions(model: Any, batch: dict) -> int:
+    """Positions the LM processes in a batch: text tokens plus each spliced image's patches."""
+    count = int(batch["attention_mask"].sum())
+    pixels = batch.get("pixel_values")
+    patches = getattr(getattr(model, "vision", None), "num_patches", None)
+    if pixels is not None and patches:
+        count += int(pixels.shape[0]) * (patches - 1)  # the placeholder became num_patches
+    return count
 
 
 def _log_step(log_file, accelerator, step, epoch, loss, optimizer, tokens, elapsed, fpt, peak):
@@ -539,8 +549,11 @@ def run_training(
     device: str = "cpu",
     checkpoint_every: int = 500,
     dataloader_workers: int = 0,
+    shuffle_buffer: int = 1000,
 ) -> dict:
-    """Train one stage and save the model to ``out_dir`` (see ``fgvlm.stages.train_stage``)."""
+    """Train one stage and save the model to ``out_dir`` (see ``fgvlm.stages.train_stage``).
+
+    Samples are shuffled within each shard through a seeded buffer of ``shuffle_buffer``."""
     from accelerate import Accelerator, PartialState
     from torch.utils.data import DataLoader
 
@@ -570,6 +583,10 @@ def run_training(
         device=str(accelerator.device),
     )
     collate = model.collate_fn(max_length=recipe.max_length)
+    if accelerator.device.type == "cuda" and not os.environ.get("FSDP_ACTIVATION_CHECKPOINTING"):
+        # activation memory of 7B LMs; under FSDP the accelerate config does it instead
+        language_model = getattr(model, "llm", None) or model.model  # LlavaVLM / TrainableHubVLM
+        language_model.gradient_checkpointing_enable()
 
     def batches(epoch: int, skip: int) -> Iterator[dict]:
         dataset = conversation_dataset(
@@ -578,6 +595,7 @@ def run_training(
             world_size=accelerator.num_processes,
             seed=seed,
             epoch=epoch,
+            shuffle_buffer=shuffle_buffer,
             skip_batches=skip,
             batch_size=plan.per_device_batch,
         )
