@@ -181,7 +181,7 @@ def test_changed_finetune_lr_of_one_row_reruns_that_row_only(demo_run):
     demo = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
     rows = demo["ablations"]
     index = next(i for i, row in enumerate(rows) if row["name"] == "p8_llama_short")
-    rows[index] = {**rows[index], "recipes": {"finetune": {"llm_lr": 2.0e-3}}}
+    rows[index] = {**rows[index], "recipes": {"finetune": {"llm_lr": 3.0e-3}}}
     config = demo_config(demo_run, ablations=rows)
     n = demo_counts(config)
     assert planned_jobs(demo_run, "--configfile", str(config)) == Counter(
@@ -197,7 +197,7 @@ def test_changed_finetune_lr_of_one_row_reruns_that_row_only(demo_run):
 def test_new_row_adds_only_its_jobs_and_shares_pretraining(demo_run):
     demo = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
     base = next(row for row in demo["ablations"] if row["name"] == "p8_llama_short")
-    new = {**base, "name": "p8_llama_short_lr2", "recipes": {"finetune": {"llm_lr": 2.0e-3}}}
+    new = {**base, "name": "p8_llama_short_lr2", "recipes": {"finetune": {"llm_lr": 3.0e-3}}}
     config = demo_config(demo_run, ablations=[*demo["ablations"], new])
     n = demo_counts(config)
     assert planned_jobs(demo_run, "--configfile", str(config)) == Counter(
