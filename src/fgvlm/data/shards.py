@@ -457,10 +457,23 @@ def _shuffled(samples: Iterator[dict], buffer: int, rng: np.random.Generator) ->
 
 
 class ConversationShards(torch.utils.data.IterableDataset):
-    """(conversation record, RGB image or None) from training shards, split by rank and worker.
+    """Training shards as an IterableDataset of (conversation record, RGB image or None).
 
-    Built by ``conversation_dataset``; see there. ``set_epoch`` moves to another epoch (and
-    resume point) without rebuilding; a DataLoader picks it up when its iterator is created, so
+    Each epoch all ranks draw the same seeded permutation of the shards; rank r reads every
+    ``world_size``-th shard from position r (``rank_shards``), and its DataLoader workers split
+    those round-robin. So ranks x workers see every sample exactly once per epoch, and the
+    stream is a function of (seed, epoch, rank, world_size, num_workers) only. Every worker must
+    get a shard (else iteration raises ValueError). ``shuffle_buffer`` > 1 shuffles within each
+    shard through a buffer of that many samples, seeded by (seed, epoch, shard).
+
+    Resuming: with ``skip_batches`` = batches the rank's DataLoader already yielded this epoch,
+    and that loader's ``batch_size`` (per worker; 1 when it yields single samples) and
+    ``drop_last``, a fresh DataLoader with the same ``num_workers`` yields exactly the rest of
+    the original sequence; consumed shards are not even opened. Ranks can hold different sample
+    counts (``samples_per_rank``, ``batches_per_rank``). Samples hold PIL images: use a
+    ``collate_fn`` that accepts them.
+
+    ``set_epoch`` moves to another epoch (and resume point) without rebuilding; a DataLoader picks it up when its iterator is created, so
     do not combine it with ``persistent_workers=True``.
     """
 
@@ -544,45 +557,8 @@ class ConversationShards(torch.utils.data.IterableDataset):
         yield from self._stream(streams[stream], consumed[stream] * self.batch_size)
 
 
-def conversation_dataset(
-    shard_dir: Path,
-    *,
-    rank: int,
-    world_size: int,
-    seed: int,
-    epoch: int = 0,
-    shuffle_buffer: int = 0,
-    skip_batches: int = 0,
-    batch_size: int = 1,
-    drop_last: bool = False,
-) -> ConversationShards:
-    """Training shards as an IterableDataset of (conversation record, RGB image or None).
-
-    Each epoch all ranks draw the same seeded permutation of the shards; rank r reads every
-    ``world_size``-th shard from position r (``rank_shards``), and its DataLoader workers split
-    those round-robin. So ranks x workers see every sample exactly once per epoch, and the
-    stream is a function of (seed, epoch, rank, world_size, num_workers) only. Every worker must
-    get a shard (else iteration raises ValueError). ``shuffle_buffer`` > 1 shuffles within each
-    shard through a buffer of that many samples, seeded by (seed, epoch, shard).
-
-    Resuming: with ``skip_batches`` = batches the rank's DataLoader already yielded this epoch,
-    and that loader's ``batch_size`` (per worker; 1 when it yields single samples) and
-    ``drop_last``, a fresh DataLoader with the same ``num_workers`` yields exactly the rest of
-    the original sequence; consumed shards are not even opened. Ranks can hold different sample
-    counts (``samples_per_rank``, ``batches_per_rank``). Samples hold PIL images: use a
-    ``collate_fn`` that accepts them.
-    """
-    return ConversationShards(
-        shard_dir,
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        epoch=epoch,
-        shuffle_buffer=shuffle_buffer,
-        skip_batches=skip_batches,
-        batch_size=batch_size,
-        drop_last=drop_last,
-    )
+# The public name of the training stream (one class, documented there).
+conversation_dataset = ConversationShards
 
 
 def samples_per_rank(shard_dir: Path, *, world_size: int, seed: int, epoch: int) -> list[int]:
