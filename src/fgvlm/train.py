@@ -12,11 +12,14 @@ The vision tower is always frozen. Schedules are cosine with linear warmup (``wa
 a group that starts late (the LLM after the connector-only phase) warms up from its start.
 Gradient accumulation is global batch / (world size x per-device batch). Checkpoints every
 ``checkpoint_every`` steps hold the trainable weights, optimizer, scheduler, data position and
-RNG state, so a killed job resumes where it stopped and ends with the same weights.
+RNG state, so a killed job resumes where it stopped and ends with the same weights. Under FSDP
+each rank writes its own shards of weights and optimizer (torch.distributed.checkpoint), under
+DeepSpeed the engine writes its partitions; the final model is gathered on rank 0 and saved there.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -25,7 +28,9 @@ import random
 import shutil
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -184,15 +189,174 @@ def drop_gradients(params: list) -> None:
 
 
 # --- checkpoints -------------------------------------------------------------------------------
+#
+# state_dir/step-NNNNNNNN/ appears by one rename once every rank has written its part:
+#   weights/              torch.distributed.checkpoint (DCP): trainable weights ("model.*") and
+#                         AdamW state ("optimizer.*"). Under FSDP every rank writes
+#                         its own shards (nothing is gathered); replicated tensors (one process,
+#                         DDP) are written once, tensors only (no pickles to load back).
+#   deepspeed/            under DeepSpeed ZeRO-3 instead: the engine's own partitioned checkpoint
+#   param_groups.json     the optimizer's hyper-parameters (learning rates, parameter names)
+#   scheduler.pt          the LR scheduler (plain numbers; loaded with weights_only)
+#   position.json         step, epoch and micro-batch within the epoch
+#   rng-rank{r}.*         each rank's torch (and CUDA) RNG in safetensors, Python's in JSON
+
+WEIGHTS_DIR = "weights"
+DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_TAG = "state"
 
 
-def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
-    names = {id(p) for group in ("connector", "llm") for p in model.parameter_groups()[group]}
-    return {
-        name: param.detach().cpu().contiguous()
-        for name, param in model.named_parameters()
-        if id(param) in names
-    }
+def _is_deepspeed(accelerator: Any) -> bool:
+    if accelerator is None:
+        return False
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def _is_sharded(accelerator: Any) -> bool:
+    """FSDP or DeepSpeed: each rank holds only a shard of the weights."""
+    if accelerator is None:
+        return False
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (or itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter of ``optimizer`` (AdamW) its state now: zeros and step 0, exactly
+    what AdamW creates at a parameter's first step, so training is unchanged.
+
+    Checkpoints need it. FSDP's optimizer state dict refuses a flat parameter whose trainable
+    weights hold state only in part (the LLM before its start step, beside the connector), and
+    torch's ``get_state_dict`` would otherwise initialize a rank that holds no state yet with a
+    real step. The optimizer's own code makes the state: one step with zero gradients at lr 0
+    (the weights do not move), then the step counts go back to 0.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    if optimizer.state or not params:
+        return
+    if any(p.grad is not None for p in params):
+        raise ValueError("init_optimizer_state: call it before the first backward pass")
+    for param in params:
+        param.grad = torch.zeros_like(param)
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    for state in optimizer.state.values():
+        if "step" in state:
+            step = state["step"]
+            state["step"] = torch.zeros_like(step) if torch.is_tensor(step) else 0
+
+
+def _state_dict_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # frozen weights (the tower; the LLM in connector-only recipes) come back from their files
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def _no_dist() -> bool:
+    """DCP without a process group (one process)."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized())
+
+
+@contextmanager
+def _quiet_checkpointing() -> Iterator[None]:
+    """Silence two expected messages: DCP's warning on every single-process save and load (even
+    when asked for one), and FSDP's line per frozen weight left out of a checkpoint on purpose."""
+    fsdp_log = logging.getLogger("torch.distributed.fsdp._state_dict_utils")
+    level = fsdp_log.level
+    fsdp_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            yield
+    finally:
+        fsdp_log.setLevel(level)
+
+
+def _save_sharded_state(directory: Path, model: Any, optimizer: Any) -> list[dict]:
+    """Write trainable weights and optimizer state with DCP; return the param groups.
+
+    A collective: every rank calls it with the model and optimizer ``accelerator.prepare`` gave.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    weights, optim = get_state_dict(
+        model, _torch_optimizer(optimizer), options=_state_dict_options()
+    )
+    for fqn, state in optim["state"].items():
+        for name, value in state.items():
+            if not torch.is_tensor(value):
+                # DCP would pickle it, and loading it would unpickle
+                raise ValueError(f"optimizer state {fqn}.{name} is a {type(value).__name__}")
+    with _quiet_checkpointing():
+        dcp.save(
+            {"model": weights, "optimizer": optim["state"]},
+            checkpoint_id=directory,
+            no_dist=_no_dist(),
+        )
+    return optim["param_groups"]
+
+
+def _load_sharded_state(path: Path, model: Any, optimizer: Any) -> None:
+    """Restore what ``_save_sharded_state`` wrote into the prepared model and optimizer."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    directory = path / WEIGHTS_DIR
+    inner = _torch_optimizer(optimizer)
+    # this run's tensors (shards under FSDP; state from init_optimizer_state) to fill in place
+    weights, optim = get_state_dict(model, inner, options=_state_dict_options())
+    state = optim["state"]
+    stored = set(dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata)
+    wanted = [f"model.{name}" for name in weights]
+    wanted += [f"optimizer.{fqn}.{key}" for fqn, entry in state.items() for key in entry]
+    missing = [key for key in wanted if key not in stored]
+    if missing:
+        raise ValueError(f"{directory}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
+    groups = _read_param_groups(path / "param_groups.json")
+    with _quiet_checkpointing():
+        dcp.load(
+            {"model": weights, "optimizer": state}, checkpoint_id=directory, no_dist=_no_dist()
+        )
+        set_state_dict(
+            model,
+            inner,
+            model_state_dict=weights,
+            optim_state_dict={"state": state, "param_groups": groups},
+            options=_state_dict_options(),
+        )
+
+
+def _write_param_groups(groups: list[dict], path: Path) -> None:
+    for group in groups:
+        for key, value in group.items():
+            if torch.is_tensor(value):
+                raise ValueError(f"optimizer param group {group.get('name')}: {key} is a tensor")
+    path.write_text(json.dumps(groups, indent=1))
+
+
+def _read_param_groups(path: Path) -> list[dict]:
+    """JSON gives lists for tuples (AdamW's betas); ``params`` (parameter names) is a list."""
+    groups = json.loads(path.read_text())
+    return [
+        {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
+        for group in groups
+    ]
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -217,8 +381,11 @@ def save_checkpoint(
 ) -> Path:
     """Write ``state_dir/step-NNNNNNNN/`` atomically; keep only the newest two checkpoints.
 
-    Every rank writes its RNG state into one shared temporary folder; rank 0 writes the weights,
-    optimizer, scheduler and data position, then renames the folder into place.
+    ``model`` and ``optimizer`` are what ``accelerator.prepare`` returned (FSDP / DeepSpeed
+    wrapped, or the plain ones). A collective: every rank must call it at the same step. Every
+    rank writes its RNG state and its shard of weights and optimizer into one temporary folder;
+    rank 0 then writes the rest and renames the folder into place, so a save killed half-way
+    leaves only a temporary folder, which ``latest_checkpoint`` never matches.
     """
     rank = accelerator.process_index if accelerator is not None else 0
     barrier = accelerator.wait_for_everyone if accelerator is not None else (lambda: None)
@@ -231,10 +398,21 @@ def save_checkpoint(
     rng_tensors, rng_other = _rng_state()
     save_file(rng_tensors, tmp / f"rng-rank{rank}.safetensors")
     (tmp / f"rng-rank{rank}.json").write_text(json.dumps(rng_other))
+    if _is_deepspeed(accelerator):
+        # ZeRO-3 partitions live in the engine: its own (collective) sharded save
+        model.save_checkpoint(
+            str(tmp / DEEPSPEED_DIR),
+            tag=DEEPSPEED_TAG,
+            save_latest=False,
+            exclude_frozen_parameters=True,
+        )
+        groups = None
+    else:
+        groups = _save_sharded_state(tmp / WEIGHTS_DIR, model, optimizer)
     barrier()
     if rank == 0:
-        save_file(_trainable_state(model), tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if groups is not None:
+            _write_param_groups(groups, tmp / "param_groups.json")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "position.json").write_text(json.dumps({**position, "step": step}))
         if target.exists():
@@ -247,21 +425,42 @@ def save_checkpoint(
 
 
 def latest_checkpoint(state_dir: Path) -> Path | None:
-    """The newest complete checkpoint (temp folders of a killed save are never matched)."""
-    found = sorted(p for p in state_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
+    """The newest complete checkpoint (temp folders of a killed save are never matched, nor
+    folders of an older layout without ``weights/`` or ``deepspeed/``)."""
+    found = sorted(
+        p
+        for p in state_dir.glob(f"{CHECKPOINT_PREFIX}*")
+        if (p / WEIGHTS_DIR).is_dir() or (p / DEEPSPEED_DIR).is_dir()
+    )
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model: Any, optimizer, scheduler, rank: int = 0) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from ``path``; return the data position."""
-    state = load_file(path / "trainable.safetensors")
-    missing = set(_trainable_state(model)) - set(state)
-    if missing:
-        raise ValueError(
-            f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}"
+def load_checkpoint(
+    path: Path, model: Any, optimizer, scheduler, rank: int = 0, accelerator=None
+) -> dict:
+    """Restore weights, optimizer, scheduler and RNG from ``path``; return the data position.
+
+    ``model`` and ``optimizer`` as for ``save_checkpoint``; a collective as well.
+    """
+    if (path / DEEPSPEED_DIR).is_dir():
+        if not _is_deepspeed(accelerator):
+            raise ValueError(f"{path}: a DeepSpeed checkpoint, but this run is not DeepSpeed")
+        # the engine's own loader: partitions, fp32 master weights and optimizer state
+        loaded, _ = model.load_checkpoint(
+            str(path / DEEPSPEED_DIR),
+            tag=DEEPSPEED_TAG,
+            load_module_strict=False,  # frozen weights were not saved
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
         )
-    model.load_state_dict(state, strict=False)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        if loaded is None:
+            raise ValueError(f"{path / DEEPSPEED_DIR}: DeepSpeed found no checkpoint")
+    elif (path / WEIGHTS_DIR).is_dir():
+        if _is_deepspeed(accelerator):
+            raise ValueError(f"{path}: not a DeepSpeed checkpoint, but this run is DeepSpeed")
+        _load_sharded_state(path, model, optimizer)
+    else:
+        raise ValueError(f"{path}: neither {WEIGHTS_DIR}/ nor {DEEPSPEED_DIR}/ inside")
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rank_file = path / f"rng-rank{rank}.safetensors"
     if rank_file.exists():
@@ -269,6 +468,44 @@ def load_checkpoint(path: Path, model: Any, optimizer, scheduler, rank: int = 0)
             load_file(rank_file), json.loads((path / f"rng-rank{rank}.json").read_text())
         )
     return json.loads((path / "position.json").read_text())
+
+
+def save_model(accelerator: Any, model: Any, out_dir: Path, extra_meta: dict) -> None:
+    """Save the trained model (as ``accelerator.prepare`` returned it) to ``out_dir`` from rank 0.
+
+    Under FSDP / ZeRO-3 each rank holds a shard: ``accelerator.get_state_dict`` gathers the full
+    weights on rank 0 (a collective, called on every rank); the model's ``save`` writes them.
+    """
+    state = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        _save_with_state(accelerator.unwrap_model(model), out_dir, extra_meta, state)
+    accelerator.wait_for_everyone()
+
+
+def _save_with_state(model: Any, out_dir: Path, extra_meta: dict, state: dict) -> None:
+    """``model.save`` with the gathered ``state`` (``save_vlm`` for a ``LlavaVLM``)."""
+    from fgvlm.models.vlm import LlavaVLM, save_vlm
+
+    if "state_dict" in inspect.signature(model.save).parameters:
+        model.save(out_dir, extra_meta=extra_meta, state_dict=state)
+    elif isinstance(model, LlavaVLM):
+        save_vlm(model, out_dir, extra_meta, state_dict=state)
+    else:
+        model.save(out_dir, extra_meta)
+
+
+def check_saveable(model: Any, accelerator: Any) -> None:
+    """Fail before training when the final save could not take gathered (sharded) weights."""
+    from fgvlm.models.vlm import LlavaVLM
+
+    takes_state = isinstance(model, LlavaVLM) or (
+        "state_dict" in inspect.signature(model.save).parameters
+    )
+    if _is_sharded(accelerator) and not takes_state:
+        raise ValueError(
+            f"{type(model).__name__}.save() takes no state_dict: the gathered weights of "
+            "FSDP / DeepSpeed training could not be saved"
+        )
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -310,13 +547,15 @@ def train(
     flops_per_token: float | None = None,
     peak_flops: float | None = None,
     on_step: Callable[[int, Any], None] | None = None,
+    finish: Callable[[Any, TrainResult], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` (a VLM with ``parameter_groups()``) by ``recipe`` / ``plan``.
 
     ``batches(epoch, skip)`` yields this rank's micro-batches of one epoch (dicts for
     ``model(**batch)``), skipping the first ``skip`` (already consumed before a resume).
     Resumes from the newest checkpoint in ``state_dir`` if there is one. ``on_step(step, model)``
-    is called after every optimizer step (observation only).
+    is called after every optimizer step (observation only); ``finish(model, result)`` on every
+    rank after the last one, with the model ``accelerator.prepare`` returned (e.g. ``save_model``).
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -335,17 +574,15 @@ def train(
         ],
     )
     model, optimizer = accelerator.prepare(model, optimizer)
+    if not _is_deepspeed(accelerator):  # DeepSpeed's optimizer makes its own state
+        init_optimizer_state(_torch_optimizer(optimizer))
     state_dir.mkdir(parents=True, exist_ok=True)
 
     step, micro_in_epoch, epoch, resumed = 0, 0, 0, 0
     checkpoint = latest_checkpoint(state_dir)
     if checkpoint is not None:
         position = load_checkpoint(
-            checkpoint,
-            accelerator.unwrap_model(model),
-            optimizer,
-            scheduler,
-            accelerator.process_index,
+            checkpoint, model, optimizer, scheduler, accelerator.process_index, accelerator
         )
         step, epoch, micro_in_epoch = position["step"], position["epoch"], position["micro"]
         resumed = step
@@ -418,18 +655,13 @@ def train(
                 end_of_epoch = micro_in_epoch >= micro_per_epoch
                 if end_of_epoch:
                     epoch, micro_in_epoch = epoch + 1, 0
-                if step % checkpoint_every == 0 or stop.requested or step == plan.total_steps:
+                stopping = _any_rank(stop.requested, accelerator)
+                if step % checkpoint_every == 0 or stopping or step == plan.total_steps:
                     position = {"epoch": epoch, "micro": micro_in_epoch}
                     save_checkpoint(
-                        state_dir,
-                        step,
-                        accelerator.unwrap_model(model),
-                        optimizer,
-                        scheduler,
-                        position,
-                        accelerator,
+                        state_dir, step, model, optimizer, scheduler, position, accelerator
                     )
-                if stop.requested:
+                if stopping:
                     raise Preempted(f"SIGTERM: checkpointed step {step} in {state_dir}; rerun")
                 if step >= plan.total_steps or end_of_epoch:
                     break
@@ -445,7 +677,22 @@ def train(
         bar.close()
         if log_file:
             log_file.close()
-    return TrainResult(step, time.perf_counter() - started, last_loss, resumed)
+    result = TrainResult(step, time.perf_counter() - started, last_loss, resumed)
+    if finish is not None:
+        finish(model, result)
+    return result
+
+
+def _any_rank(flag: bool, accelerator: Any) -> bool:
+    """Whether ``flag`` is set on any rank: SIGTERM may reach the ranks at different steps,
+    and the checkpoint it asks for is a collective that all of them must join at one step."""
+    if accelerator.num_processes == 1:
+        return flag
+    import torch.distributed as dist
+
+    value = torch.tensor([int(flag)], device=accelerator.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _lm_positions(model: Any, batch: dict) -> int:
@@ -603,14 +850,28 @@ def run_training(
             dataset, batch_size=plan.per_device_batch, collate_fn=collate, num_workers=workers
         )
         for batch in loader:
-            yield {
+            batch = {
                 k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()
             }
+            # no KV cache: FSDP's activation checkpointing reruns each decoder layer in the
+            # backward pass, which would append to the cache twice (HF's own checkpointing
+            # turns it off itself)
+            yield {**batch, "use_cache": False}
 
+    check_saveable(model, accelerator)
     if accelerator.is_main_process:
         prepare_state_dir(state_dir, spec)
     accelerator.wait_for_everyone()
-    result = train(
+    summary: dict = {}
+
+    def finish(prepared: Any, result: TrainResult) -> None:
+        summary.update(spec=spec, plan=asdict(plan), result=asdict(result))
+        if accelerator.is_main_process:
+            log_lines = (state_dir / "train_log.jsonl").read_text().splitlines()
+            summary["log_tail"] = [json.loads(line) for line in log_lines[-5:]]
+        save_model(accelerator, prepared, out_dir, {"training": summary})
+
+    train(
         model,
         batches,
         recipe,
@@ -620,12 +881,9 @@ def run_training(
         checkpoint_every=checkpoint_every,
         accelerator=accelerator,
         log_path=state_dir / "train_log.jsonl",
+        finish=finish,
     )
-    summary = {"spec": spec, "plan": asdict(plan), "result": asdict(result)}
     if accelerator.is_main_process:
-        log_lines = (state_dir / "train_log.jsonl").read_text().splitlines()
-        summary["log_tail"] = [json.loads(line) for line in log_lines[-5:]]
-        accelerator.unwrap_model(model).save(out_dir, extra_meta={"training": summary})
         for checkpoint in state_dir.glob(f"{CHECKPOINT_PREFIX}*"):
             shutil.rmtree(checkpoint)  # the job is complete: nothing left to resume
     accelerator.wait_for_everyone()
