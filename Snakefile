@@ -3,6 +3,9 @@
 # (config/demo.yaml). No `configfile:` directive: it would merge the paper's rows into the demo.
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/models.smk"

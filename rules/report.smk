@@ -5,9 +5,21 @@ rule aggregate_ablations:
     input:
         metrics=ablation_metrics,
     output:
-        ablations="results/tables/ablations.csv",
-        effects="results/tables/effects.csv",
-        effects_summary="results/tables/effects_summary.csv",
+        ablations=report(
+            "results/tables/ablations.csv",
+            caption="../workflow/report/ablations.rst",
+            category="Tables",
+        ),
+        effects=report(
+            "results/tables/effects.csv",
+            caption="../workflow/report/effects.rst",
+            category="Tables",
+        ),
+        effects_summary=report(
+            "results/tables/effects_summary.csv",
+            caption="../workflow/report/effects.rst",
+            category="Tables",
+        ),
         tables=expand(
             "results/tables/table{n}.{ext}", n=[1, 2, 3, 4], ext=["md", "tex"]
         ),
@@ -29,7 +41,11 @@ rule aggregate_models:
     input:
         metrics=model_metrics,
     output:
-        "results/tables/models.csv",
+        report(
+            "results/tables/models.csv",
+            caption="../workflow/report/models.rst",
+            category="Tables",
+        ),
     log:
         "logs/aggregate/models.log",
     conda:
@@ -50,12 +66,16 @@ rule figures:
         models="results/tables/models.csv",
         details=confusion_details(),
     output:
-        report(
-            expand("results/figures/{name}.svg", name=FIGURES),
-            caption="../workflow/report/figures.rst",
-            category="Figures",
-        ),
-        expand("results/figures/{name}.html", name=FIGURES),
+        # one report entry per figure, each with its own caption
+        **{
+            name: report(
+                f"results/figures/{name}.svg",
+                caption=f"../workflow/report/{name}.rst",
+                category="Figures",
+            )
+            for name in FIGURES
+        },
+        html=expand("results/figures/{name}.html", name=FIGURES),
     log:
         "logs/aggregate/figures.log",
     conda:

@@ -69,6 +69,7 @@ class FakeModel:
         self.fail_after = fail_after  # raise on this many-th call: a killed evaluation
         self.calls: list[list[str]] = []
         self.continuations: list[list[list[str]]] = []
+        self.prompts: list[list[str]] = []
 
     def _call(self, items):
         if self.fail_after is not None and len(self.calls) >= self.fail_after:
@@ -82,6 +83,7 @@ class FakeModel:
     def continuation_logprobs(self, items, continuations):
         self._call(items)
         self.continuations.append(continuations)
+        self.prompts.append([item.prompt for item in items])
         out = []
         for item, conts in zip(items, continuations, strict=True):
             table = self.letter_scores.get(item.qid, {}) if len(conts[0]) == 1 else {}
@@ -285,13 +287,27 @@ def test_question_items_build_prompts_from_records():
         "b-000001",
         None,
         mcq_prompt("What is it?", ["cat", "dog"], hint="h"),
-        [
-            "cat",
-            "dog",
-        ],
+        ["cat", "dog"],
+        "h\nWhat is it?",
     )
+    (listed,) = question_items([(record, None)], style="llava", option_prompt="listed")
+    assert listed.cloze_prompt is None
     with pytest.raises(ValueError, match="lacks 'options'"):
         list(question_items([({"qid": "x", "question": "q"}, None)], style="llava"))
+    with pytest.raises(ValueError, match="option_prompt 'lettered'"):
+        list(question_items([(record, None)], style="llava", option_prompt="lettered"))
+
+
+def test_option_likelihood_scores_after_the_cloze_prompt_letters_after_the_full_one():
+    model = FakeModel(option_scores={"dog": -1.0})
+    item = MCQItem("q1", None, "full prompt with A. cat B. dog", ["cat", "dog"], "question only")
+    (row,) = score(model, [item], mode="option_likelihood", batch_size=1)
+    score(model, [item], mode="letter_likelihood", batch_size=1)
+    assert model.prompts == [["question only"], ["full prompt with A. cat B. dog"]]
+    assert row["pred"] == "B" and row["output"] == "dog"
+    without = MCQItem("q2", None, "full prompt", ["cat", "dog"])
+    score(model, [without], mode="option_likelihood", batch_size=1)
+    assert model.prompts[-1] == ["full prompt"]
 
 
 def test_files_fingerprint_changes_when_a_file_is_rewritten(tmp_path):

@@ -404,6 +404,7 @@ def vlm_models(config: dict) -> dict[str, dict]:
     evaluation = config.get("evaluation") or {}
     mode = evaluation.get("mode", "generate")
     max_new = evaluation.get("max_new_tokens", 8)
+    option_prompt = evaluation.get("option_prompt", "cloze")
     models = {}
     for row in trained_rows(config):
         family = (
@@ -416,6 +417,7 @@ def vlm_models(config: dict) -> dict[str, dict]:
             "family": family,
             "mode": mode,
             "max_new_tokens": max_new,
+            "option_prompt": option_prompt,
         }
     for key, vlm in (config.get("hub_vlms") or {}).items():
         models[f"hub-{key}"] = {
@@ -424,6 +426,7 @@ def vlm_models(config: dict) -> dict[str, dict]:
             "family": hub_family(vlm),
             "mode": vlm.get("mode", mode),
             "max_new_tokens": max_new,
+            "option_prompt": option_prompt,
             "trust_remote_code": vlm.get("trust_remote_code", False),
         }
     return models

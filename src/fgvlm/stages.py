@@ -434,16 +434,18 @@ def eval_vlm(
     model, benchmark = spec["model"], spec["benchmark"]
     runner = load_runner(model, Path(model_dir), device=device)
     stream, answers, counts = question_source(benchmark, Path(data_path), questions_path)
+    option_prompt = model.get("option_prompt", "cloze")
     predictions, summary = evaluate_mcq(
         runner,
-        lambda: question_items(stream(), style=model["style"]),
+        lambda: question_items(stream(), style=model["style"], option_prompt=option_prompt),
         answers,
         Path(parts_dir),
         mode=model["mode"],
         batch_size=batch_size,
         part_size=part_size,
         max_new_tokens=model["max_new_tokens"],
-        fingerprint=files_fingerprint(model_dir, questions_path or data_path),
+        # parts scored after another prompt are not reused
+        fingerprint=f"{files_fingerprint(model_dir, questions_path or data_path)}:{option_prompt}",
     )
     if benchmark["kind"] == "questions":
         from fgvlm.evaluate.analysis import per_class_report

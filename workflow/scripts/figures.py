@@ -8,7 +8,7 @@ stages.make_figures(
     Path(sm.input.ablations).parent,
     sm.input.models,
     sm.input.details,
-    Path(sm.output[0]).parent,
+    Path(sm.output.figure2).parent,
     confusion_title=sm.params.confusion_title,
     row_encoders=sm.params.row_encoders,
 )

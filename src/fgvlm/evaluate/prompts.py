@@ -112,6 +112,13 @@ def _dataset_prompt(question: str, options: list[str], hint: str | None) -> str:
     return prompt + VLMEVALKIT_MCQ_INSTRUCTION + " \n"
 
 
+def cloze_prompt(question: str, *, hint: str | None = None) -> str:
+    """The question alone (after its hint, when it has one): the prompt after which
+    ``option_likelihood`` scores each option's text as the answer."""
+    hint = hint if hint and hint.strip() else None
+    return f"{hint}\n{question}" if hint else question
+
+
 def mcq_prompt(
     question: str, options: list[str], *, hint: str | None = None, style: str = "llava"
 ) -> str:

@@ -11,7 +11,10 @@ questions in three modes (issue 4, item 5):
 - ``option_likelihood``: the option whose text the model finds most likely as its answer. The
   score is the *sum* of the text's token log-probabilities, i.e. the log-probability of
   answering exactly that text; no length normalisation (a proper probability, and one that does
-  not depend on how the tokenizer segments the name). Ties go to the first option.
+  not depend on how the tokenizer segments the name). Ties go to the first option. The text is
+  scored after the item's ``cloze_prompt`` when it has one (the question without the lettered
+  options and the letter instruction: a prompt that asks for a letter makes every option's text
+  an unlikely answer), else after its ``prompt``.
 
 Results are written in parts (``part-00000.parquet`` ...) so a killed evaluation resumes where
 it stopped; ``merge_parts`` turns the parts into the predictions frame.
@@ -27,7 +30,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -59,12 +62,15 @@ class MCQItem:
 
     ``prompt`` is the full user text (question, lettered options, the answer instruction);
     the runner adds its chat template and places ``image`` (None: a text-only question).
+    ``cloze_prompt`` (optional) is the question alone, after which ``option_likelihood``
+    scores each option's text.
     """
 
     qid: str
     image: Image.Image | None
     prompt: str
     options: list[str]
+    cloze_prompt: str | None = None
 
 
 @runtime_checkable
@@ -151,9 +157,15 @@ def score_batch(
             for item, output in zip(items, outputs, strict=True)
         ]
     letters = [option_letters(item) for item in items]
-    continuations = letters if mode == "letter_likelihood" else [item.options for item in items]
+    if mode == "letter_likelihood":
+        continuations, asked = letters, items
+    else:
+        continuations = [item.options for item in items]
+        asked = [
+            replace(item, prompt=item.cloze_prompt) if item.cloze_prompt else item for item in items
+        ]
     scores = _checked_scores(
-        model.continuation_logprobs(items, continuations), items, continuations
+        model.continuation_logprobs(asked, continuations), items, continuations
     )
     rows = []
     for item, conts, row, item_letters in zip(items, continuations, scores, letters, strict=True):
@@ -423,15 +435,26 @@ def evaluate_mcq(
     return predictions, summary
 
 
+OPTION_PROMPTS = ("cloze", "listed")
+
+
 def question_items(
-    samples: Iterable[tuple[dict[str, Any], Image.Image | None]], *, style: str
+    samples: Iterable[tuple[dict[str, Any], Image.Image | None]],
+    *,
+    style: str,
+    option_prompt: str = "cloze",
 ) -> Iterator[MCQItem]:
     """``MCQItem``s from (question record, image) pairs, e.g. ``iter_question_samples``.
 
     The prompt is ``fgvlm.evaluate.prompts.mcq_prompt`` of the record's question, options and
-    hint (when it has one) in the model family's ``style``.
+    hint (when it has one) in the model family's ``style``. ``option_prompt`` says what
+    ``option_likelihood`` scores the options after: ``cloze`` (the hint and question alone,
+    ``cloze_prompt``) or ``listed`` (the full prompt).
     """
-    from fgvlm.evaluate.prompts import mcq_prompt  # another module of this package
+    from fgvlm.evaluate.prompts import cloze_prompt, mcq_prompt  # this package's prompts
+
+    if option_prompt not in OPTION_PROMPTS:
+        raise ValueError(f"option_prompt {option_prompt!r}: choose one of {OPTION_PROMPTS}")
 
     for record, image in samples:
         for key in ("qid", "question", "options"):
@@ -440,4 +463,9 @@ def question_items(
         prompt = mcq_prompt(
             record["question"], list(record["options"]), hint=record.get("hint"), style=style
         )
-        yield MCQItem(record["qid"], image, prompt, list(record["options"]))
+        cloze = (
+            cloze_prompt(record["question"], hint=record.get("hint"))
+            if option_prompt == "cloze"
+            else None
+        )
+        yield MCQItem(record["qid"], image, prompt, list(record["options"]), cloze)
