@@ -364,3 +364,16 @@ def test_run_training_finetunes_the_base_folder_end_to_end(base_dir, tmp_path):
     for name, tensor in base.state_dict().items():
         same = torch.equal(tensor, tuned.state_dict()[name])
         assert same == (not name.startswith(("model.language_model.", "lm_head."))), name
+
+
+def test_save_writes_a_gathered_state_dict_in_place_of_the_modules_tensors(trained, tmp_path):
+    """Under FSDP / ZeRO-3 the trainer saves weights gathered from shards, not the module's."""
+    from safetensors.torch import load_file
+
+    model = trained[0]
+    state = {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}
+    model.save(tmp_path / "gathered", state_dict=state)
+    saved = load_file(tmp_path / "gathered" / "model.safetensors")
+    assert saved and all(torch.all(t == 0.5) for t in saved.values())
+    with pytest.raises(ValueError, match="no 'model.' tensors"):
+        model.save(tmp_path / "bad", state_dict={"other.weight": torch.zeros(1)})

@@ -483,24 +483,16 @@ def save_model(accelerator: Any, model: Any, out_dir: Path, extra_meta: dict) ->
 
 
 def _save_with_state(model: Any, out_dir: Path, extra_meta: dict, state: dict) -> None:
-    """``model.save`` with the gathered ``state`` (``save_vlm`` for a ``LlavaVLM``)."""
-    from fgvlm.models.vlm import LlavaVLM, save_vlm
-
+    """``model.save`` with the gathered ``state`` (models whose save takes none: their own)."""
     if "state_dict" in inspect.signature(model.save).parameters:
         model.save(out_dir, extra_meta=extra_meta, state_dict=state)
-    elif isinstance(model, LlavaVLM):
-        save_vlm(model, out_dir, extra_meta, state_dict=state)
     else:
         model.save(out_dir, extra_meta)
 
 
 def check_saveable(model: Any, accelerator: Any) -> None:
     """Fail before training when the final save could not take gathered (sharded) weights."""
-    from fgvlm.models.vlm import LlavaVLM
-
-    takes_state = isinstance(model, LlavaVLM) or (
-        "state_dict" in inspect.signature(model.save).parameters
-    )
+    takes_state = "state_dict" in inspect.signature(model.save).parameters
     if _is_sharded(accelerator) and not takes_state:
         raise ValueError(
             f"{type(model).__name__}.save() takes no state_dict: the gathered weights of "

@@ -309,19 +309,35 @@ class TrainableHubVLM(nn.Module):
         batch.setdefault("use_cache", False)
         return self.model(**batch)
 
-    def save(self, out_dir: Path, extra_meta: dict[str, Any] | None = None) -> None:
+    def save(
+        self,
+        out_dir: Path,
+        extra_meta: dict[str, Any] | None = None,
+        *,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         """Write a transformers model folder atomically: safetensors weights, configs, the
         processor with its chat template, and ``fgvlm_vlm.json`` {"kind": "hub", "arch", ...}.
 
-        ``extra_meta`` may not set "kind" or "arch".
+        ``extra_meta`` may not set "kind" or "arch". ``state_dict`` (keys as this module's
+        ``state_dict()``, i.e. "model.…") replaces the model's own tensors, e.g. the full
+        weights gathered from FSDP / ZeRO-3 shards.
         """
         extra = dict(extra_meta or {})
         clash = sorted(set(extra) & set(_RESERVED_META))
         if clash:
             raise ValueError(f"save: extra_meta may not set {clash}")
         record = {**self.meta, **extra, "kind": "hub", "arch": self.arch}
+        model_state = None
+        if state_dict is not None:
+            prefix = "model."
+            model_state = {
+                k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)
+            }
+            if not model_state:
+                raise ValueError("save: state_dict holds no 'model.' tensors")
         with atomic_path(out_dir, is_dir=True) as tmp:
-            self.model.save_pretrained(tmp)
+            self.model.save_pretrained(tmp, state_dict=model_state)
             self.processor.save_pretrained(tmp)
             write_json(record, tmp / HUB_META_FILE)
             publish_modes(tmp)

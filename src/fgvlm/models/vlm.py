@@ -198,9 +198,15 @@ class LlavaVLM(nn.Module):
         """The trainer's batch builder for this model (picklable: no weights inside)."""
         return Collator(self, max_length=max_length)
 
-    def save(self, out_dir: Path, extra_meta: dict[str, Any] | None = None) -> None:
-        """The trainer's save: ``save_vlm``."""
-        save_vlm(self, out_dir, extra_meta)
+    def save(
+        self,
+        out_dir: Path,
+        extra_meta: dict[str, Any] | None = None,
+        *,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """The trainer's save: ``save_vlm`` (``state_dict``: weights gathered from shards)."""
+        save_vlm(self, out_dir, extra_meta, state_dict=state_dict)
 
     def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B,3,H,W] -> connector output [B, num_patches, D_llm]."""
