@@ -59,13 +59,30 @@ class LlavaRunner:
 
 
 def load_runner(spec: dict, model_dir: Path, *, device: str = "cpu"):
-    """A runner for ``spec`` = {"kind": "trained"|"hub", "name", ...} with weights in ``model_dir``."""
+    """A runner for ``spec`` = {"kind": "trained"|"hub", "name", ...} with weights in ``model_dir``.
+
+    Hub specs with ``trust_remote_code`` and a family of ``fgvlm.models.remote.FAMILIES``
+    (InternVL2, Phi-3-vision, Molmo, CogVLM: each its own model API) load through
+    ``fgvlm.models.remote``; every other hub spec through ``fgvlm.models.hub``.
+    """
     if spec["kind"] == "trained":
         from fgvlm.models.vlm import load_vlm
 
         return LlavaRunner(load_vlm(model_dir, device=device), spec["name"])
     if spec["kind"] == "hub":
         from fgvlm.evaluate.prompts import ASSISTANT_PREFIX
+        from fgvlm.models.remote import FAMILIES, load_remote_vlm
+
+        if spec.get("trust_remote_code") and spec.get("family") in FAMILIES:
+            return load_remote_vlm(
+                model_dir,
+                spec["family"],
+                trust_remote_code=True,
+                device=device,
+                dtype="bfloat16" if device == "cuda" else None,
+                name=spec["name"],
+                processor_kwargs=spec.get("processor_kwargs"),
+            )
         from fgvlm.models.hub import load_hub_vlm
 
         return load_hub_vlm(
