@@ -154,3 +154,12 @@ def test_job_specs_carry_only_their_own_subtree(paper):
     assert fc.miner_spec(changed) != fc.miner_spec(paper)
     assert fc.benchmark_spec(changed, "flowers") == fc.benchmark_spec(paper, "flowers")
     assert fc.clip_eval_spec(changed, "laion_vit_l14") == fc.clip_eval_spec(paper, "laion_vit_l14")
+
+
+def test_hub_vlm_specs_carry_remote_code_opt_in_and_processor_kwargs(paper):
+    models = fc.vlm_models(paper)
+    assert models["hub-phi35_vision"]["processor_kwargs"] == {"num_crops": 4}
+    assert models["hub-phi35_vision"]["trust_remote_code"] is True
+    assert models["hub-llava15_7b"]["trust_remote_code"] is False
+    assert "processor_kwargs" not in models["hub-llava15_7b"]
+    assert {spec["option_prompt"] for spec in models.values()} == {"cloze"}

@@ -368,6 +368,36 @@ def test_fetch_hub_vlm_takes_safetensors_and_code_only_on_opt_in(tmp_path, monke
     assert source == {"repo": "org/vlm", "revision": "abc123", "trust_remote_code": trust}
 
 
+def test_fetch_hub_vlm_puts_a_separate_tokenizer_repo_in_tokenizer(tmp_path, monkeypatch):
+    """CogVLM-chat ships no tokenizer: the config names Vicuna's, fetched beside the model."""
+    tokenizer_files = {
+        "tokenizer.model": b"spm",
+        "tokenizer_config.json": b"{}",
+        "special_tokens_map.json": b"{}",
+        "config.json": b"{}",
+        "model-00001-of-00002.safetensors": b"vicuna weights",
+        "pytorch_model-00001-of-00002.bin": b"pickle",
+    }
+    record = []
+    by_repo = {"org/vlm": REPO_FILES, "org/vicuna": tokenizer_files}
+
+    def download(*, repo_id, **kwargs):
+        return fake_snapshot_download(by_repo[repo_id], record)(repo_id=repo_id, **kwargs)
+
+    monkeypatch.setattr(hub, "snapshot_download", download)
+    out = tmp_path / "model"
+    tokenizer = {"repo": "org/vicuna", "revision": "v1.5"}
+    fetch_hub_vlm("org/vlm", "main", out, trust_remote_code=True, tokenizer=tokenizer)
+    assert sorted(p.name for p in (out / "tokenizer").iterdir()) == [
+        "special_tokens_map.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
+    assert record[1] == {"repo_id": "org/vicuna", "revision": "v1.5"}
+    source = json.loads((out / "fgvlm_source.json").read_text())
+    assert source["tokenizer"] == tokenizer
+
+
 def test_fetch_hub_vlm_refuses_pickle_only_repos(tmp_path, monkeypatch):
     files = {"config.json": b"{}", "pytorch_model.bin": b"pickle"}
     monkeypatch.setattr(hub, "snapshot_download", fake_snapshot_download(files, []))

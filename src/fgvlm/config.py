@@ -428,6 +428,7 @@ def vlm_models(config: dict) -> dict[str, dict]:
             "max_new_tokens": max_new,
             "option_prompt": option_prompt,
             "trust_remote_code": vlm.get("trust_remote_code", False),
+            **({"processor_kwargs": vlm["processor_kwargs"]} if "processor_kwargs" in vlm else {}),
         }
     return models
 

@@ -519,6 +519,7 @@ def materialize_hub_vlm(
             vlm.get("revision", "main"),
             Path(out_dir),
             trust_remote_code=vlm.get("trust_remote_code", False),
+            tokenizer=vlm.get("tokenizer"),
         )
 
 

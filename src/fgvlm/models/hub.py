@@ -54,6 +54,7 @@ HUB_PATTERNS = ("*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tik
 # pickled weights are never downloaded (arbitrary code on load); remote code only on opt-in
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.msgpack", "*.h5")
 REMOTE_CODE_PATTERNS = ("*.py",)
+TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "*.model", "added_tokens.json")
 SOURCE_FILE = "fgvlm_source.json"
 
 TINY_KINDS = ("llava", "qwen2_vl")
@@ -320,13 +321,20 @@ def load_hub_vlm(
 
 
 def fetch_hub_vlm(
-    repo: str, revision: str, out_dir: str | os.PathLike, *, trust_remote_code: bool = False
+    repo: str,
+    revision: str,
+    out_dir: str | os.PathLike,
+    *,
+    trust_remote_code: bool = False,
+    tokenizer: dict[str, str] | None = None,
 ) -> None:
     """Download hub repository ``repo`` at ``revision`` into ``out_dir`` (atomically).
 
     Only configs, safetensors weights, tokenizer/processor files and chat templates are fetched,
     plus the repository's Python files when ``trust_remote_code``; never pickled weights. A repo
-    without safetensors weights is an error. ``out_dir/fgvlm_source.json`` records the source.
+    without safetensors weights is an error. ``tokenizer`` ({"repo", "revision"}): a separate
+    repository whose tokenizer files go to ``out_dir/tokenizer/`` (CogVLM-chat ships none and
+    uses Vicuna's). ``out_dir/fgvlm_source.json`` records the sources.
     """
     patterns = list(HUB_PATTERNS) + (list(REMOTE_CODE_PATTERNS) if trust_remote_code else [])
     with atomic_path(out_dir, is_dir=True) as tmp:
@@ -337,6 +345,15 @@ def fetch_hub_vlm(
             allow_patterns=patterns,
             ignore_patterns=list(PICKLE_PATTERNS),
         )
+        if tokenizer:
+            snapshot_download(
+                repo_id=tokenizer["repo"],
+                revision=tokenizer.get("revision", "main"),
+                local_dir=tmp / "tokenizer",
+                allow_patterns=list(TOKENIZER_PATTERNS),
+                ignore_patterns=list(PICKLE_PATTERNS),
+            )
+            shutil.rmtree(tmp / "tokenizer" / ".cache", ignore_errors=True)
         shutil.rmtree(tmp / ".cache", ignore_errors=True)  # huggingface_hub's download metadata
         if not any(tmp.rglob("*.safetensors")):
             raise FileNotFoundError(
@@ -344,7 +361,12 @@ def fetch_hub_vlm(
                 "pickled weights are not loaded"
             )
         write_json(
-            {"repo": repo, "revision": revision, "trust_remote_code": trust_remote_code},
+            {
+                "repo": repo,
+                "revision": revision,
+                "trust_remote_code": trust_remote_code,
+                **({"tokenizer": tokenizer} if tokenizer else {}),
+            },
             tmp / SOURCE_FILE,
         )
 
