@@ -1,10 +1,12 @@
 """Wall time and peak memory of the embedded demo, from scratch, on this machine.
 
-    python bench/demo_run.py [TARGET ...]      (default target: all)
+    python bench/demo_run.py [TARGET ...] [--keep DIR]      (default target: all)
 
 Runs `snakemake --profile profiles/demo` in a fresh temporary working directory and reports the
 wall time and the peak resident memory of the largest job process (getrusage of the children),
 then times a no-op rerun (a dry-run with nothing to do) and the dry-run of the paper's config.
+CPU time (user + system of all jobs) is reported beside the wall time: on a shared machine it
+says what the run would take alone. ``--keep DIR`` runs in DIR and keeps the outputs.
 Results go to BENCHMARKS.md by hand, with the machine they were measured on.
 """
 
@@ -41,9 +43,13 @@ def demo_config(workdir: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("targets", nargs="*", default=["all"])
+    parser.add_argument("--keep", type=Path, help="run in this (new) folder and keep it")
     args = parser.parse_args()
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=False)
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="fgvlm-demo-") as tmp:
-        workdir = Path(tmp)
+        workdir = args.keep.resolve() if args.keep else Path(tmp)
         cmd = [
             sys.executable,
             "-m",
@@ -57,7 +63,6 @@ def main() -> None:
             "--configfile",
             str(demo_config(workdir)),
             "--quiet",
-            "all",
             *args.targets,
         ]
         start = time.perf_counter()
@@ -87,15 +92,18 @@ def main() -> None:
             capture_output=True,
         )
         paper_dry_run = time.perf_counter() - paper_start
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak_kb = usage.ru_maxrss
     print(
         json.dumps(
             {
                 "targets": args.targets,
                 "wall_s": round(wall, 1),
+                "cpu_s_all_runs": round(usage.ru_utime + usage.ru_stime, 1),
                 "noop_dry_run_s": round(no_op, 1),
                 "paper_config_dry_run_s": round(paper_dry_run, 1),
-                "load_average": os.getloadavg(),
+                "load_average_before": load_before,
+                "load_average_after": os.getloadavg(),
                 "peak_rss_mb": round(peak_kb / 1024),
                 "cpus": os.cpu_count(),
                 "machine": platform.machine(),
