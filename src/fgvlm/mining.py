@@ -10,12 +10,14 @@ from __future__ import annotations
 import string
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 from PIL import Image
 
-from fgvlm.models.clip import LoadedClip, encode_class_prompts, encode_images
+if TYPE_CHECKING:
+    from fgvlm.models.clip import LoadedClip
 
 QUESTION = "What type of object is in this photo?"
 LETTERS = string.ascii_uppercase
@@ -205,6 +207,9 @@ def mine_questions(
     _check_manifest(manifest, classnames, benchmark)
     paths = manifest["path"].to_list()
     images = _Sized(_open_images(paths), len(paths))
+    # open_clip (and torchvision) load here, not on import: scoring imports this module's LETTERS
+    from fgvlm.models.clip import encode_class_prompts, encode_images
+
     image_emb = encode_images(clip, images, batch_size, device, workers=workers)
     class_emb = encode_class_prompts(clip, classnames, templates, device)
     similarity = image_emb @ class_emb.T
