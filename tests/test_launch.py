@@ -350,6 +350,56 @@ def test_a_failing_launch_returns_its_exit_code(tmp_path):
     assert code == 3
 
 
+def test_worker_destroys_its_process_group_before_exiting(tmp_path, monkeypatch):
+    """A worker leaves no process group to interpreter shutdown: torn down there, its gloo and
+    store threads abort the process now and then (SIGABRT after the work is done: a failed rank,
+    a failed job, a retry)."""
+    import torch.distributed as dist
+
+    from fgvlm import logs
+
+    def entry_with_a_group(args_json) -> None:  # noqa: ARG001
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+    monkeypatch.setattr(launch, "worker_main", entry_with_a_group)
+    monkeypatch.setattr(logs, "setup", lambda *args, **kwargs: None)
+    try:
+        assert launch.main(["--args-json", str(tmp_path / "unused.json")]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_launch_off_the_main_thread_runs_without_forwarding_signals(tmp_path):
+    """signal.signal only works in the main thread: a launch from another thread (a `run:`
+    block) still runs the launcher and returns its code, and the main thread's SIGTERM
+    handler is left alone."""
+    import signal
+    import threading
+
+    env = fake_srun(tmp_path, exit_code=5)
+    plan = LaunchPlan(2, 2, 0, ("a", "b"), free_port(), "x", None)
+    before = signal.getsignal(signal.SIGTERM)
+    codes: list[object] = []
+
+    def launch_in_thread() -> None:
+        try:
+            codes.append(
+                launch.run_or_launch(
+                    {"device": "cpu"}, state_dir=tmp_path / "s", plan=plan, env=env
+                )
+            )
+        except Exception as exc:  # noqa: BLE001 - the assertion below shows it
+            codes.append(exc)
+
+    thread = threading.Thread(target=launch_in_thread)
+    thread.start()
+    thread.join(timeout=60)
+    assert codes == [5]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_probe_runs_in_a_single_process(tmp_path):
     from accelerate.state import PartialState
 

@@ -36,6 +36,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -413,6 +414,10 @@ def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
     def forward(signum, frame) -> None:  # noqa: ARG001
         proc.send_signal(signum)
 
+    if threading.current_thread() is not threading.main_thread():
+        # signal.signal raises ValueError off the main thread (a Snakemake `run:` block, a
+        # test's thread): run without forwarding; the launcher still gets SLURM's kill
+        return proc.wait()
     previous = signal.signal(signal.SIGTERM, forward)
     try:
         return proc.wait()
@@ -470,7 +475,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logs.setup()
     record(worker_main)(args.args_json)  # torchrun reports the failing rank's traceback
+    close_process_group()
     return 0
+
+
+def close_process_group() -> None:
+    """Destroy the default process group, if the entry made one, before the worker exits.
+
+    Left to interpreter shutdown, its gloo/store threads are torn down while still joinable:
+    ``terminate called without an active exception`` and SIGABRT, now and then, after the
+    stage's work is done, so torchrun reports a failed rank and the job fails.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
