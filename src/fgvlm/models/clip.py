@@ -359,7 +359,7 @@ def contrastive_pretrain(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
     entry = read_json(weights_dir / CONFIG_FILE)
     entry["pretraining"] = {"pairs": len(pairs), "steps": steps, "seed": seed, "lr": lr}
     with atomic_path(out_dir, is_dir=True) as tmp:
