@@ -40,6 +40,19 @@ def demo_config(workdir: Path) -> Path:
     return path
 
 
+def snakemake(workdir: Path) -> list[str]:
+    """The command line of this repository's workflow, run in ``workdir``."""
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(workdir),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("targets", nargs="*", default=["all"])
@@ -51,13 +64,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fgvlm-demo-") as tmp:
         workdir = args.keep.resolve() if args.keep else Path(tmp)
         cmd = [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "--snakefile",
-            str(ROOT / "Snakefile"),
-            "--directory",
-            str(workdir),
+            *snakemake(workdir),
             "--profile",
             str(ROOT / "profiles" / "demo"),
             "--configfile",
@@ -75,18 +82,7 @@ def main() -> None:
         paper_dir.mkdir()
         paper_start = time.perf_counter()
         subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "snakemake",
-                "--snakefile",
-                str(ROOT / "Snakefile"),
-                "--directory",
-                str(paper_dir),
-                "-n",
-                "--quiet",
-                "all",
-            ],
+            [*snakemake(paper_dir), "-n", "--quiet", "all"],
             check=True,
             cwd=paper_dir,
             capture_output=True,

@@ -19,18 +19,15 @@ import socket
 import subprocess
 import sys
 import warnings
-from importlib import resources
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from _tiny import FakeVLM, training_assets
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from fgvlm import stages
-from fgvlm.data.synthetic import generate_world
-from fgvlm.models.clip import materialize_random_clip
 from fgvlm.train import latest_checkpoint
 
 SPEC = {
@@ -119,35 +116,7 @@ dist.destroy_process_group()
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("fsdp")
-    world = root / "world"
-    generate_world(world, family="shapes", seed=1, train_per_class=3, test_per_class=1)
-    config = resources.files("fgvlm.resources").joinpath("clip_configs/tiny-vit.json")
-    materialize_random_clip(Path(str(config)), root / "clip", seed=0)
-    stages.materialize_llm(
-        {
-            "type": "tiny",
-            "family": "llama",
-            "seed": 0,
-            "hidden_size": 32,
-            "layers": 2,
-            "text_pretrain_steps": 5,
-        },
-        root / "llm",
-        world_dirs=[world],
-    )
-    stages.shard_train_data(
-        {"type": "synthetic_instructions", "worlds": ["world"]},
-        root / "shards",
-        raw_dir=root / "raw",
-        world_dirs=[world],
-        samples_per_shard=8,
-    )
-    return {
-        "clip_dir": str(root / "clip"),
-        "llm_dir": str(root / "llm"),
-        "data_dir": str(root / "shards"),
-    }
+    return training_assets(tmp_path_factory.mktemp("fsdp"), llm_layers=2, samples_per_shard=8)
 
 
 def run_two_ranks(assets: dict, out: Path, **hooks) -> tuple[list[int], list[str]]:
@@ -305,30 +274,6 @@ def test_checkpoint_is_sharded_full_and_matches_the_saved_model(reference):
 # --- one process: the same checkpoint code without a process group ------------------------------
 
 
-class TinyVLM(torch.nn.Module):
-    """vision -> connector -> llm with the VLM's parameter_groups() interface."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.vision = torch.nn.Linear(4, 4)
-        self.connector = torch.nn.Linear(4, 4)
-        self.llm = torch.nn.Linear(4, 1)
-
-    def parameter_groups(self) -> dict:
-        return {
-            "vision": list(self.vision.parameters()),
-            "connector": list(self.connector.parameters()),
-            "llm": list(self.llm.parameters()),
-        }
-
-    def forward(self, inputs, targets, attention_mask):
-        from types import SimpleNamespace
-
-        pred = self.llm(torch.tanh(self.connector(self.vision(inputs)))).squeeze(-1)
-        return SimpleNamespace(loss=torch.nn.functional.mse_loss(pred, targets))
-
-
 def tiny_run(state_dir: Path, stop_at: int | None = None):
     from fgvlm.train import Recipe, make_plan, train
 
@@ -357,7 +302,7 @@ def tiny_run(state_dir: Path, stop_at: int | None = None):
         if step == stop_at:
             raise KeyboardInterrupt  # killed right after this step
 
-    model = TinyVLM()
+    model = FakeVLM()
     finished = {}
     train(
         model,

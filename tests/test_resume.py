@@ -9,15 +9,11 @@ import signal
 import subprocess
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 import pytest
+from _tiny import training_assets
 from safetensors.torch import load_file
-
-from fgvlm import stages
-from fgvlm.data.synthetic import generate_world
-from fgvlm.models.clip import materialize_random_clip
 
 SPEC = {
     "run": "resume_test",
@@ -49,35 +45,7 @@ stages.train_stage(**args)
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("resume")
-    world = root / "world"
-    generate_world(world, family="shapes", seed=1, train_per_class=3, test_per_class=1)
-    config = resources.files("fgvlm.resources").joinpath("clip_configs/tiny-vit.json")
-    materialize_random_clip(Path(str(config)), root / "clip", seed=0)
-    stages.materialize_llm(
-        {
-            "type": "tiny",
-            "family": "llama",
-            "seed": 0,
-            "hidden_size": 32,
-            "layers": 1,
-            "text_pretrain_steps": 5,
-        },
-        root / "llm",
-        world_dirs=[world],
-    )
-    stages.shard_train_data(
-        {"type": "synthetic_instructions", "worlds": ["world"]},
-        root / "shards",
-        raw_dir=root / "raw",
-        world_dirs=[world],
-        samples_per_shard=16,
-    )
-    return {
-        "clip_dir": str(root / "clip"),
-        "llm_dir": str(root / "llm"),
-        "data_dir": str(root / "shards"),
-    }
+    return training_assets(tmp_path_factory.mktemp("resume"), llm_layers=1, samples_per_shard=16)
 
 
 def start(assets: dict, out: Path) -> subprocess.Popen:

@@ -2,35 +2,11 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
-from torch import nn
+from _tiny import FakeVLM
 
 from fgvlm.train import Recipe, latest_checkpoint, lr_factor, make_plan, train
-
-
-class FakeVLM(nn.Module):
-    """vision -> connector -> llm, with the VLM's parameter_groups() interface."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.vision = nn.Linear(4, 4)
-        self.connector = nn.Linear(4, 4)
-        self.llm = nn.Linear(4, 1)
-
-    def parameter_groups(self) -> dict:
-        return {
-            "vision": list(self.vision.parameters()),
-            "connector": list(self.connector.parameters()),
-            "llm": list(self.llm.parameters()),
-        }
-
-    def forward(self, inputs, targets, attention_mask):
-        pred = self.llm(torch.tanh(self.connector(self.vision(inputs))))
-        return SimpleNamespace(loss=nn.functional.mse_loss(pred.squeeze(-1), targets))
 
 
 def make_batches(n_micro: int, batch: int = 2):

@@ -172,10 +172,7 @@ class HubVLM:
 
     def continuation_ids(self, item: MCQItem, text: str) -> list[int]:
         """Token ids of ``text`` as the model would write it after the prompt."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise ValueError(f"question {item.qid}: continuation {text!r} has no tokens")
-        return list(ids)
+        return continuation_token_ids(self.tokenizer, text, item.qid)
 
     @torch.inference_mode()
     def continuation_logprobs(
@@ -277,6 +274,15 @@ def _append_right(
             rebuilt[r, : len(real) + len(cont)] = torch.cat([real, tail])
         out[key] = rebuilt
     return out, prompt_lens
+
+
+def continuation_token_ids(tokenizer: Any, text: str, qid: str) -> list[int]:
+    """Token ids of a continuation ``text`` (no special tokens); an error naming question
+    ``qid`` when it has none."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"question {qid}: continuation {text!r} has no tokens")
+    return list(ids)
 
 
 def _torch_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype:

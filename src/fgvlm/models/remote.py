@@ -50,7 +50,7 @@ from transformers import (
 )
 
 from fgvlm.evaluate.scoring import MCQItem
-from fgvlm.models.hub import _rgb, _torch_dtype
+from fgvlm.models.hub import _rgb, _torch_dtype, continuation_token_ids
 
 FAMILIES = ("internvl2", "phi3_vision", "molmo", "cogvlm")
 
@@ -105,10 +105,7 @@ class RemoteVLM:
 
     def continuation_ids(self, item: MCQItem, text: str) -> list[int]:
         """Token ids of ``text`` as the model would write it after the prompt."""
-        ids = self.tokenizer(self.answer_lead + text, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise ValueError(f"question {item.qid}: continuation {text!r} has no tokens")
-        return list(ids)
+        return continuation_token_ids(self.tokenizer, self.answer_lead + text, item.qid)
 
     @torch.inference_mode()
     def continuation_logprobs(
