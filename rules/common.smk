@@ -1,5 +1,6 @@
 # Config loading and validation, and the helpers rules use to wire inputs and params.
 import fgvlm.config as fc
+import fgvlm.paths as paths
 
 if "benchmarks" not in config:
     # No --configfile: the paper's study, with any --config overrides on top.
@@ -15,11 +16,11 @@ except fc.ConfigError as err:
 BENCHMARKS = fc.benchmark_names(config)
 CLIP_MODELS = fc.clip_model_names(config)
 WORLDS = fc.synthetic_world_names(config)
-VQA_BENCHMARKS = list(config.get("vqa_benchmarks") or {})
-DEVICE = config.get("device", "auto")
+VQA_BENCHMARKS = list(config["vqa_benchmarks"])
+DEVICE = config["device"]
 PRETRAIN_JOBS = fc.pretrain_jobs(config)
 TRAINED_RUNS = [row["name"] for row in fc.trained_rows(config)]
-ROWS = {row["name"]: row for row in config.get("ablations") or []}
+ROWS = {row["name"]: row for row in config["ablations"]}
 
 
 wildcard_constraints:
@@ -29,132 +30,46 @@ wildcard_constraints:
     vqa="|".join(VQA_BENCHMARKS) or "NONE",
     model="|".join(fc.vlm_models(config)) or "NONE",
     vlm_benchmark="|".join(fc.vlm_benchmarks(config)) or "NONE",
-    hub="|".join(config.get("hub_vlms") or {}) or "NONE",
+    hub="|".join(config["hub_vlms"]) or "NONE",
     pretrain_key="|".join(PRETRAIN_JOBS) or "NONE",
     run="|".join(TRAINED_RUNS) or "NONE",
-    llm="|".join(config.get("llms") or {}) or "NONE",
-    base="|".join(config.get("base_vlms") or {}) or "NONE",
-    data="|".join(config.get("train_data") or {}) or "NONE",
+    llm="|".join(config["llms"]) or "NONE",
+    base="|".join(config["base_vlms"]) or "NONE",
+    data="|".join(config["train_data"]) or "NONE",
 
 
-def rule_resources(rule_name):
-    """Snakemake resources for a rule family (config.resources.<rule_name>)."""
-    spec = config["resources"].get(rule_name) or {}
+def rule_resources(family):
+    """Snakemake resources of a rule family (config.resources.<family>, schema defaults filled)."""
+    spec = config["resources"][family]
     out = {
-        "runtime": spec.get("runtime", 60),
-        "mem_mb": spec.get("mem_mb", 4000),
-        "cpus_per_task": spec.get("cpus", 1),
+        "runtime": spec["runtime"],
+        "mem_mb": spec["mem_mb"],
+        "cpus_per_task": spec["cpus"],
     }
-    if spec.get("gpu"):
+    if spec["gpu"]:
         out["gpu"] = spec["gpu"]
-    if spec.get("nodes"):
+    if "nodes" in spec:
         out["nodes"] = spec["nodes"]
     return out
 
 
-def manifest_inputs(wildcards):
-    """A benchmark's manifest depends on its synthetic world, when it is drawn by the workflow."""
-    source = config["benchmarks"][wildcards.benchmark]["source"]
-    if source["type"] == "synthetic":
-        return {"world": f"data/synthetic/{source['world']}"}
-    return {}
+def rule_threads(family):
+    """Threads of a family of rules = its configured CPUs (config.resources.<family>.cpus)."""
+    return config["resources"][family]["cpus"]
 
 
-def rule_threads(rule_name):
-    """Threads of a family of rules = its configured CPUs (config.resources.<name>.cpus)."""
-    return (config["resources"].get(rule_name) or {}).get("cpus", 1)
-
-
-def clip_dir(name):
-    return f"models/clip/{name}"
-
-
-def clip_source_inputs(wildcards):
-    """A tiny CLIP depends on its model-config file and the worlds it is pre-trained on."""
-    source = config["clip_models"][wildcards.clip]["source"]
-    if source["type"] != "random_init":
-        return {}
-    worlds = (source.get("pretrain") or {}).get("worlds", [])
-    return {
-        "model_config": source["model_config"],
-        "worlds": [f"data/synthetic/{w}" for w in worlds],
-    }
-
-
-# --- training ---------------------------------------------------------------------------------
-
-
-def world_dirs(worlds):
-    return [f"data/synthetic/{w}" for w in worlds]
-
-
-def llm_inputs(wildcards):
-    """A tiny LLM is pre-trained on the text of every synthetic world."""
-    source = config["llms"][wildcards.llm]["source"]
-    return world_dirs(WORLDS) if source["type"] == "tiny" else []
-
-
-def base_inputs(wildcards):
-    source = config["base_vlms"][wildcards.base]["source"]
-    if source["type"] == "tiny_qwen2_vl":
-        return {"text_model": f"models/llm/{source['text_model']}"}
-    return {}
-
-
-def train_data_inputs(wildcards):
-    source = config["train_data"][wildcards.data]["source"]
-    return world_dirs(source.get("worlds", []))
-
-
-def pretrain_inputs(wildcards):
-    spec = PRETRAIN_JOBS[wildcards.pretrain_key]
-    return {
-        "clip": clip_dir(fc.encoder_clip(config, spec["encoder"])),
-        "llm": f"models/llm/{spec['llm']}",
-        "data": f"shards/train/{spec['data']}",
-    }
-
-
-def finetune_inputs(wildcards):
-    row = ROWS[wildcards.run]
-    spec = fc.finetune_spec(config, row)
-    inputs = {"data": f"shards/train/{spec['data']}"}
-    if row["arch"] == "qwen2_vl":
-        inputs["base"] = f"models/base/{row['base']}"
-        return inputs
-    inputs["clip"] = clip_dir(fc.encoder_clip(config, row["vision_encoder"]))
-    inputs["llm"] = f"models/llm/{row['llm']}"
-    key = fc.pretrain_key_of(config, row)
-    if key is not None:
-        inputs["init"] = f"runs/{key}/pretrain"
-    return inputs
+def job_inputs(inputs_of, *wildcard_names):
+    """An input function from a ``fgvlm.paths`` one, called as (config, *wildcard values)."""
+    return lambda wildcards: inputs_of(
+        config, *(getattr(wildcards, name) for name in wildcard_names)
+    )
 
 
 # --- VLM evaluation ----------------------------------------------------------------------------
 
 VLM_MODELS = fc.vlm_models(config)
 VLM_BENCHMARKS = fc.vlm_benchmarks(config)
-HUB_VLMS = list(config.get("hub_vlms") or {})
-
-
-def hub_vlm_inputs(wildcards):
-    """A tiny hub stand-in is built from a tiny LLM (tokenizer and language-model weights)."""
-    vlm = config["hub_vlms"][wildcards.hub]
-    return (
-        {"text_model": f"models/llm/{vlm['tiny']['text_model']}"}
-        if "tiny" in vlm
-        else {}
-    )
-
-
-def eval_vlm_inputs(wildcards):
-    inputs = {"model": fc.vlm_model_dir(config, wildcards.model)}
-    if wildcards.vlm_benchmark in config["benchmarks"]:
-        inputs["data"] = f"shards/questions/{wildcards.vlm_benchmark}"
-        inputs["questions"] = f"results/questions/{wildcards.vlm_benchmark}.parquet"
-    else:
-        inputs["data"] = f"data/vqa/{wildcards.vlm_benchmark}.tsv"
-    return inputs
+HUB_VLMS = list(config["hub_vlms"])
 
 
 # --- aggregation -------------------------------------------------------------------------------
@@ -201,7 +116,7 @@ def model_metrics(wildcards):
 
 def confusion_details():
     """The per-class view shows the first trained row on the first fine-grained benchmark."""
-    rows = fc.trained_rows(config) or config.get("ablations") or []
+    rows = fc.trained_rows(config) or config["ablations"]
     model = (
         fc.model_of_row(rows[0]) if rows else f"clip-{config['clip_eval']['models'][0]}"
     )

@@ -3,7 +3,7 @@
 
 rule synthesize_world:
     output:
-        directory("data/synthetic/{world}"),
+        directory(paths.WORLD),
     log:
         "logs/synthesize_world/{world}.log",
     conda:
@@ -12,18 +12,16 @@ rule synthesize_world:
     resources:
         **rule_resources("synthesize"),
     params:
-        world=lambda wc: config["synthetic_worlds"][wc.world],
+        world=lambda wc: fc.canonical(config["synthetic_worlds"][wc.world]),
     script:
         "../workflow/scripts/synthesize_world.py"
 
 
 rule build_manifest:
     input:
-        unpack(manifest_inputs),
+        unpack(job_inputs(paths.manifest_inputs, "benchmark")),
     output:
-        manifest="data/{benchmark}/manifest.parquet",
-        classes="data/{benchmark}/classes.json",
-        negatives="data/{benchmark}/negatives.json",
+        **paths.manifest_outputs("{benchmark}"),
     log:
         "logs/build_manifest/{benchmark}.log",
     conda:
@@ -32,15 +30,15 @@ rule build_manifest:
     resources:
         **rule_resources("download"),
     params:
-        spec=lambda wc: fc.benchmark_spec(config, wc.benchmark),
-        raw_dir=lambda wc: f"data/raw/{wc.benchmark}",
+        spec=lambda wc: fc.canonical(fc.benchmark_spec(config, wc.benchmark)),
+        raw_dir=lambda wc: paths.RAW.format(benchmark=wc.benchmark),
     script:
         "../workflow/scripts/build_manifest.py"
 
 
 rule vqa_benchmark:
     output:
-        "data/vqa/{vqa}.tsv",
+        paths.VQA_TSV,
     log:
         "logs/vqa_benchmark/{vqa}.log",
     conda:
@@ -49,12 +47,12 @@ rule vqa_benchmark:
     resources:
         **rule_resources("download"),
     params:
-        source=lambda wc: config["vqa_benchmarks"][wc.vqa]["source"],
+        source=lambda wc: fc.canonical(config["vqa_benchmarks"][wc.vqa]["source"]),
     script:
         "../workflow/scripts/vqa_benchmark.py"
 
 
 rule all_manifests:
     input:
-        expand("data/{benchmark}/manifest.parquet", benchmark=BENCHMARKS),
-        expand("data/vqa/{vqa}.tsv", vqa=VQA_BENCHMARKS),
+        expand(paths.MANIFEST, benchmark=BENCHMARKS),
+        expand(paths.VQA_TSV, vqa=VQA_BENCHMARKS),

@@ -3,12 +3,10 @@
 
 rule eval_clip:
     input:
-        shards="shards/questions/{benchmark}",
-        classes="data/{benchmark}/classes.json",
-        clip="models/clip/{clip}",
+        **paths.clip_eval_inputs("{benchmark}", "{clip}"),
     output:
-        predictions="results/predictions/clip-{clip}/{benchmark}.parquet",
-        metrics="results/metrics/clip-{clip}/{benchmark}.json",
+        predictions=paths.PREDICTIONS.format(model="clip-{clip}", vlm_benchmark="{benchmark}"),
+        metrics=paths.METRICS.format(model="clip-{clip}", vlm_benchmark="{benchmark}"),
     log:
         "logs/eval_clip/{clip}/{benchmark}.log",
     benchmark:
@@ -19,9 +17,8 @@ rule eval_clip:
     resources:
         **rule_resources("eval_clip"),
     params:
-        spec=lambda wc: fc.clip_eval_spec(config, wc.clip),
+        spec=lambda wc: fc.canonical(fc.clip_eval_spec(config, wc.clip)),
         metric=lambda wc: fc.metric_of(config, wc.benchmark),
-        batch_size=config["clip_eval"].get("batch_size", 64),
         device=DEVICE,
     script:
         "../workflow/scripts/eval_clip.py"
@@ -30,7 +27,7 @@ rule eval_clip:
 rule all_clip:
     input:
         expand(
-            "results/metrics/clip-{clip}/{benchmark}.json",
+            paths.METRICS.format(model="clip-{clip}", vlm_benchmark="{benchmark}"),
             clip=config["clip_eval"]["models"],
             benchmark=BENCHMARKS,
         ),
@@ -38,11 +35,11 @@ rule all_clip:
 
 rule eval_vlm:
     input:
-        unpack(eval_vlm_inputs),
+        unpack(job_inputs(paths.eval_vlm_inputs, "model", "vlm_benchmark")),
     output:
-        predictions="results/predictions/{model}/{vlm_benchmark}.parquet",
-        metrics="results/metrics/{model}/{vlm_benchmark}.json",
-        details="results/metrics/{model}/{vlm_benchmark}.details.json",
+        predictions=paths.PREDICTIONS,
+        metrics=paths.METRICS,
+        details=paths.DETAILS,
     log:
         "logs/eval_vlm/{model}/{vlm_benchmark}.log",
     benchmark:
@@ -53,8 +50,8 @@ rule eval_vlm:
     resources:
         **rule_resources("eval_vlm"),
     params:
-        spec=lambda wc: fc.vlm_eval_spec(config, wc.model, wc.vlm_benchmark),
-        parts_dir=lambda wc: f"results/parts/{wc.model}/{wc.vlm_benchmark}",
+        spec=lambda wc: fc.canonical(fc.vlm_eval_spec(config, wc.model, wc.vlm_benchmark)),
+        parts_dir=lambda wc: paths.PARTS.format(model=wc.model, vlm_benchmark=wc.vlm_benchmark),
         device=DEVICE,
     script:
         "../workflow/scripts/eval_vlm.py"
@@ -63,7 +60,7 @@ rule eval_vlm:
 rule all_vlm_eval:
     input:
         expand(
-            "results/metrics/{model}/{vlm_benchmark}.json",
+            paths.METRICS,
             model=VLM_MODELS,
             vlm_benchmark=VLM_BENCHMARKS,
         ),

@@ -3,9 +3,9 @@
 
 rule fetch_clip:
     input:
-        unpack(clip_source_inputs),
+        unpack(job_inputs(paths.clip_inputs, "clip")),
     output:
-        directory("models/clip/{clip}"),
+        directory(paths.CLIP),
     log:
         "logs/fetch_clip/{clip}.log",
     conda:
@@ -14,16 +14,16 @@ rule fetch_clip:
     resources:
         **rule_resources("fetch_model"),
     params:
-        source=lambda wc: config["clip_models"][wc.clip]["source"],
+        source=lambda wc: fc.canonical(config["clip_models"][wc.clip]["source"]),
     script:
         "../workflow/scripts/fetch_clip.py"
 
 
 rule materialize_hub_vlm:
     input:
-        unpack(hub_vlm_inputs),
+        unpack(job_inputs(paths.hub_vlm_inputs, "hub")),
     output:
-        directory("models/hub/{hub}"),
+        directory(paths.HUB_VLM),
     log:
         "logs/materialize_hub_vlm/{hub}.log",
     conda:
@@ -32,6 +32,6 @@ rule materialize_hub_vlm:
     resources:
         **rule_resources("fetch_model"),
     params:
-        vlm=lambda wc: config["hub_vlms"][wc.hub],
+        vlm=lambda wc: fc.canonical(fc.hub_vlm_spec(config, wc.hub)),
     script:
         "../workflow/scripts/materialize_hub_vlm.py"

@@ -3,12 +3,9 @@
 
 rule mine_questions:
     input:
-        manifest="data/{benchmark}/manifest.parquet",
-        classes="data/{benchmark}/classes.json",
-        negatives="data/{benchmark}/negatives.json",
-        clip=clip_dir(config["miner"]["clip"]),
+        unpack(job_inputs(paths.question_inputs, "benchmark")),
     output:
-        "results/questions/{benchmark}.parquet",
+        paths.QUESTIONS,
     log:
         "logs/mine_questions/{benchmark}.log",
     benchmark:
@@ -19,8 +16,7 @@ rule mine_questions:
     resources:
         **rule_resources("mine_questions"),
     params:
-        miner=fc.miner_spec(config),
-        batch_size=config["miner"].get("batch_size", 64),
+        miner=fc.canonical(fc.miner_spec(config)),
         device=DEVICE,
     script:
         "../workflow/scripts/mine_questions.py"
@@ -28,10 +24,10 @@ rule mine_questions:
 
 rule shard_questions:
     input:
-        questions="results/questions/{benchmark}.parquet",
-        manifest="data/{benchmark}/manifest.parquet",
+        questions=paths.QUESTIONS,
+        manifest=paths.MANIFEST,
     output:
-        directory("shards/questions/{benchmark}"),
+        directory(paths.QUESTION_SHARDS),
     log:
         "logs/shard_questions/{benchmark}.log",
     conda:
@@ -47,9 +43,9 @@ rule shard_questions:
 
 rule all_questions:
     input:
-        expand("results/questions/{benchmark}.parquet", benchmark=BENCHMARKS),
+        expand(paths.QUESTIONS, benchmark=BENCHMARKS),
 
 
 rule all_shards:
     input:
-        expand("shards/questions/{benchmark}", benchmark=BENCHMARKS),
+        expand(paths.QUESTION_SHARDS, benchmark=BENCHMARKS),

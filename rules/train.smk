@@ -4,9 +4,9 @@
 
 rule materialize_llm:
     input:
-        llm_inputs,
+        unpack(job_inputs(paths.llm_inputs, "llm")),
     output:
-        directory("models/llm/{llm}"),
+        directory(paths.LLM),
     log:
         "logs/materialize_llm/{llm}.log",
     conda:
@@ -15,16 +15,16 @@ rule materialize_llm:
     resources:
         **rule_resources("fetch_model"),
     params:
-        source=lambda wc: config["llms"][wc.llm]["source"],
+        source=lambda wc: fc.canonical(config["llms"][wc.llm]["source"]),
     script:
         "../workflow/scripts/materialize_llm.py"
 
 
 rule materialize_base_vlm:
     input:
-        unpack(base_inputs),
+        unpack(job_inputs(paths.base_vlm_inputs, "base")),
     output:
-        directory("models/base/{base}"),
+        directory(paths.BASE_VLM),
     log:
         "logs/materialize_base_vlm/{base}.log",
     conda:
@@ -33,16 +33,16 @@ rule materialize_base_vlm:
     resources:
         **rule_resources("fetch_model"),
     params:
-        source=lambda wc: config["base_vlms"][wc.base]["source"],
+        source=lambda wc: fc.canonical(config["base_vlms"][wc.base]["source"]),
     script:
         "../workflow/scripts/materialize_base_vlm.py"
 
 
 rule shard_train_data:
     input:
-        train_data_inputs,
+        unpack(job_inputs(paths.train_data_inputs, "data")),
     output:
-        directory("shards/train/{data}"),
+        directory(paths.TRAIN_SHARDS),
     log:
         "logs/shard_train_data/{data}.log",
     conda:
@@ -51,17 +51,18 @@ rule shard_train_data:
     resources:
         **rule_resources("download"),
     params:
-        source=lambda wc: config["train_data"][wc.data]["source"],
-        samples_per_shard=(config.get("training") or {}).get("samples_per_shard", 10000),
+        source=lambda wc: fc.canonical(config["train_data"][wc.data]["source"]),
+        samples_per_shard=config["training"]["samples_per_shard"],
+        raw_dir=lambda wc: paths.TRAIN_RAW.format(data=wc.data),
     script:
         "../workflow/scripts/shard_train_data.py"
 
 
 rule pretrain:
     input:
-        unpack(pretrain_inputs),
+        unpack(job_inputs(paths.pretrain_inputs, "pretrain_key")),
     output:
-        directory("runs/{pretrain_key}/pretrain"),
+        directory(paths.PRETRAIN),
     log:
         "logs/pretrain/{pretrain_key}.log",
     benchmark:
@@ -72,8 +73,8 @@ rule pretrain:
     resources:
         **rule_resources("pretrain"),
     params:
-        spec=lambda wc: PRETRAIN_JOBS[wc.pretrain_key],
-        state_dir=lambda wc: f"runs/{wc.pretrain_key}/pretrain.state",
+        spec=lambda wc: fc.canonical(PRETRAIN_JOBS[wc.pretrain_key]),
+        state_dir=lambda wc: paths.state_dir(paths.PRETRAIN.format(pretrain_key=wc.pretrain_key)),
         device=DEVICE,
     script:
         "../workflow/scripts/train.py"
@@ -81,9 +82,9 @@ rule pretrain:
 
 rule finetune:
     input:
-        unpack(finetune_inputs),
+        unpack(job_inputs(paths.finetune_inputs, "run")),
     output:
-        directory("runs/{run}/finetune"),
+        directory(paths.FINETUNE),
     log:
         "logs/finetune/{run}.log",
     benchmark:
@@ -94,8 +95,8 @@ rule finetune:
     resources:
         **rule_resources("finetune"),
     params:
-        spec=lambda wc: fc.finetune_spec(config, ROWS[wc.run]),
-        state_dir=lambda wc: f"runs/{wc.run}/finetune.state",
+        spec=lambda wc: fc.canonical(fc.finetune_spec(config, ROWS[wc.run])),
+        state_dir=lambda wc: paths.state_dir(paths.FINETUNE.format(run=wc.run)),
         device=DEVICE,
     script:
         "../workflow/scripts/train.py"
@@ -103,4 +104,4 @@ rule finetune:
 
 rule all_training:
     input:
-        expand("runs/{run}/finetune", run=TRAINED_RUNS),
+        expand(paths.FINETUNE, run=TRAINED_RUNS),

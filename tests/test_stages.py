@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
 import pytest
 from PIL import Image
 
@@ -27,25 +28,30 @@ def make_folder(root: Path, corrupt: str | None = None) -> None:
         (root / corrupt).write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
 
 
-def outputs(tmp: Path) -> tuple[Path, Path, Path]:
-    return tmp / "out" / "manifest.parquet", tmp / "out" / "classes.json", tmp / "out" / "neg.json"
+def outputs(tmp: Path) -> dict[str, Path]:
+    out = tmp / "out"
+    return {
+        "manifest": out / "manifest.parquet",
+        "classes": out / "classes.json",
+        "candidates": out / "candidates.json",
+    }
 
 
 def test_image_folder_manifest(tmp_path):
     make_folder(tmp_path / "imgs")
-    spec = {"source": {"type": "image_folder", "root": str(tmp_path / "imgs")}}
-    frame = stages.build_manifest(spec, *outputs(tmp_path), raw_dir=tmp_path / "raw")
-    assert frame.height == 6
+    spec = {"source": {"type": "image_folder", "root": str(tmp_path / "imgs"), "split": "test"}}
+    stages.build_manifest(spec, **outputs(tmp_path), raw_dir=tmp_path / "raw")
+    assert pl.read_parquet(outputs(tmp_path)["manifest"]).height == 6
     assert json.loads((tmp_path / "out" / "classes.json").read_text()) == ["arctic fox", "red fox"]
-    assert (tmp_path / "out" / "neg.json").read_text().strip() == "null"
+    assert (tmp_path / "out" / "candidates.json").read_text().strip() == "null"
 
 
 def test_corrupt_image_fails_naming_the_file_and_writes_nothing(tmp_path):
     make_folder(tmp_path / "imgs", corrupt="red_fox/1.png")
-    spec = {"source": {"type": "image_folder", "root": str(tmp_path / "imgs")}}
+    spec = {"source": {"type": "image_folder", "root": str(tmp_path / "imgs"), "split": "test"}}
     with pytest.raises(ValueError, match=r"red_fox/1\.png"):
-        stages.build_manifest(spec, *outputs(tmp_path), raw_dir=tmp_path / "raw")
-    assert not any(path.exists() for path in outputs(tmp_path))
+        stages.build_manifest(spec, **outputs(tmp_path), raw_dir=tmp_path / "raw")
+    assert not any(path.exists() for path in outputs(tmp_path).values())
     leftovers = list((tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else []
     assert leftovers == []
 

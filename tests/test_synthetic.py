@@ -14,7 +14,8 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from fgvlm.data.synthetic import FAMILIES, class_folder, generate_world, write_vqa_tsv
+from fgvlm.data.synthetic import FAMILIES, class_folder, generate_world
+from fgvlm.data.synthetic_vqa import write_vqa_tsv
 
 SMALL = {"train_per_class": 3, "test_per_class": 1}
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fgvlm.data.synthetic import write_vqa_tsv
+from fgvlm.data.synthetic_vqa import write_vqa_tsv
 from fgvlm.data.vlmeval import read_vlmeval_tsv, scan_vlmeval_tsv, summarize_tsv
 
 NAN = math.nan

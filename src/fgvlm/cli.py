@@ -1,10 +1,12 @@
-"""``fgvlm``: every stage of the workflow from the command line, without Snakemake.
+"""``fgvlm``: every rule of the workflow from the command line, without Snakemake.
 
-Each subcommand reads the study config for the subtree it needs and uses the DAG's file layout
-by default (``data/``, ``results/``, ``shards/``, ``models/``); every path can be overridden.
+Each subcommand reads the study config, takes the job's config subtree exactly as its rule does
+(``fgvlm.config``), finds its inputs and outputs in the DAG's file layout (``fgvlm.paths``, the
+module the rules use too; every path can be overridden) and calls the rule's function in
+``fgvlm.stages``. Run them from the folder the workflow runs in:
 
     fgvlm validate-config config/demo.yaml
-    fgvlm mine --config config/demo.yaml --benchmark shapes
+    fgvlm synthesize --config config/demo.yaml --world shapes
     fgvlm eval-clip --config config/demo.yaml --benchmark shapes --clip tiny_p8
 """
 
@@ -14,104 +16,97 @@ import argparse
 import sys
 from pathlib import Path
 
-from fgvlm import config as fc
-from fgvlm import logs, stages
-
-
-def _config(args: argparse.Namespace) -> dict:
-    return fc.load_config(args.config)
+from fgvlm import config as study
+from fgvlm import logs, paths, stages
 
 
 def cmd_validate_config(args: argparse.Namespace) -> None:
-    cfg = fc.load_config(args.path)
-    rows = cfg.get("ablations") or []
+    cfg = study.load_config(args.path)
     print(
         f"{args.path}: valid — {len(cfg['benchmarks'])} benchmarks, "
-        f"{len(cfg.get('vqa_benchmarks') or {})} VQA benchmarks, {len(cfg['clip_models'])} CLIP "
-        f"models, {len(rows)} ablation rows ({len(fc.trained_rows(cfg))} trained, "
-        f"{len(fc.pretrain_jobs(cfg))} pretraining jobs), {len(cfg.get('hub_vlms') or {})} hub VLMs"
+        f"{len(cfg['vqa_benchmarks'])} VQA benchmarks, {len(cfg['clip_models'])} CLIP "
+        f"models, {len(cfg['ablations'])} ablation rows ({len(study.trained_rows(cfg))} trained, "
+        f"{len(study.pretrain_jobs(cfg))} pretraining jobs), {len(cfg['hub_vlms'])} hub VLMs"
     )
 
 
-def cmd_synthesize(args: argparse.Namespace) -> None:
-    cfg = _config(args)
+def cmd_synthesize(args: argparse.Namespace, cfg: dict) -> None:
     world = _lookup(cfg, "synthetic_worlds", args.world)
-    stages.synthesize_world(world, args.out or f"data/synthetic/{args.world}")
+    stages.synthesize_world(
+        study.canonical(world), args.out or paths.WORLD.format(world=args.world)
+    )
 
 
-def cmd_manifest(args: argparse.Namespace) -> None:
-    cfg = _config(args)
+def cmd_manifest(args: argparse.Namespace, cfg: dict) -> None:
     _lookup(cfg, "benchmarks", args.benchmark)
-    spec = fc.benchmark_spec(cfg, args.benchmark)
-    world_dir = None
-    if spec["source"]["type"] == "synthetic":
-        world_dir = args.world_dir or f"data/synthetic/{spec['source']['world']}"
+    outputs = paths.manifest_outputs(args.benchmark)
     stages.build_manifest(
-        spec,
-        args.out or f"data/{args.benchmark}/manifest.parquet",
-        args.classes or f"data/{args.benchmark}/classes.json",
-        args.negatives or f"data/{args.benchmark}/negatives.json",
-        raw_dir=args.raw_dir or f"data/raw/{args.benchmark}",
-        world_dir=world_dir,
+        study.benchmark_spec(cfg, args.benchmark),
+        **_override(paths.manifest_inputs(cfg, args.benchmark), args),
+        **_override(outputs, args),
+        raw_dir=args.raw_dir or paths.RAW.format(benchmark=args.benchmark),
     )
 
 
-def cmd_vqa_benchmark(args: argparse.Namespace) -> None:
-    cfg = _config(args)
+def cmd_vqa_benchmark(args: argparse.Namespace, cfg: dict) -> None:
     bench = _lookup(cfg, "vqa_benchmarks", args.name)
-    stages.vqa_benchmark(bench["source"], args.out or f"data/vqa/{args.name}.tsv")
+    stages.vqa_benchmark(bench["source"], args.out or paths.VQA_TSV.format(vqa=args.name))
 
 
-def cmd_fetch_clip(args: argparse.Namespace) -> None:
-    cfg = _config(args)
+def cmd_fetch_clip(args: argparse.Namespace, cfg: dict) -> None:
     model = _lookup(cfg, "clip_models", args.clip)
-    stages.fetch_clip(model["source"], args.out or f"models/clip/{args.clip}")
-
-
-def cmd_mine(args: argparse.Namespace) -> None:
-    cfg = _config(args)
-    _lookup(cfg, "benchmarks", args.benchmark)
-    miner = fc.miner_spec(cfg)
-    stages.mine(
-        args.manifest or f"data/{args.benchmark}/manifest.parquet",
-        args.classes or f"data/{args.benchmark}/classes.json",
-        args.negatives or f"data/{args.benchmark}/negatives.json",
-        args.clip_dir or f"models/clip/{miner['clip']}",
-        miner,
-        args.out or f"results/questions/{args.benchmark}.parquet",
-        benchmark=args.benchmark,
-        batch_size=cfg["miner"].get("batch_size", 64),
-        device=fc.device_of(cfg),
+    stages.fetch_clip(
+        model["source"],
+        args.out or paths.CLIP.format(clip=args.clip),
+        **paths.clip_inputs(cfg, args.clip),
     )
 
 
-def cmd_shard(args: argparse.Namespace) -> None:
-    cfg = _config(args)
+def cmd_materialize_hub_vlm(args: argparse.Namespace, cfg: dict) -> None:
+    _lookup(cfg, "hub_vlms", args.hub)
+    stages.materialize_hub_vlm(
+        study.hub_vlm_spec(cfg, args.hub),
+        args.out or paths.HUB_VLM.format(hub=args.hub),
+        **paths.hub_vlm_inputs(cfg, args.hub),
+    )
+
+
+def cmd_mine(args: argparse.Namespace, cfg: dict) -> None:
     _lookup(cfg, "benchmarks", args.benchmark)
-    index = stages.shard(
-        args.questions or f"results/questions/{args.benchmark}.parquet",
-        args.manifest or f"data/{args.benchmark}/manifest.parquet",
-        args.out or f"shards/questions/{args.benchmark}",
+    stages.mine_questions(
+        study.miner_spec(cfg),
+        **_override(paths.question_inputs(cfg, args.benchmark), args),
+        out=args.out or paths.QUESTIONS.format(benchmark=args.benchmark),
+        benchmark=args.benchmark,
+        batch_size=cfg["miner"]["batch_size"],
+        device=study.device_of(cfg),
+    )
+
+
+def cmd_shard(args: argparse.Namespace, cfg: dict) -> None:
+    _lookup(cfg, "benchmarks", args.benchmark)
+    index = stages.shard_questions(
+        questions=args.questions or paths.QUESTIONS.format(benchmark=args.benchmark),
+        manifest=args.manifest or paths.MANIFEST.format(benchmark=args.benchmark),
+        out=args.out or paths.QUESTION_SHARDS.format(benchmark=args.benchmark),
         samples_per_shard=cfg["shards"]["samples_per_shard"],
     )
     print(f"{len(index['shards'])} shards, {index['total']} samples")
 
 
-def cmd_eval_clip(args: argparse.Namespace) -> None:
-    cfg = _config(args)
+def cmd_eval_clip(args: argparse.Namespace, cfg: dict) -> None:
     _lookup(cfg, "benchmarks", args.benchmark)
     _lookup(cfg, "clip_models", args.clip)
     model = f"clip-{args.clip}"
+    outputs = paths.eval_outputs(model, args.benchmark)
     metrics = stages.eval_clip(
-        args.shards or f"shards/questions/{args.benchmark}",
-        args.classes or f"data/{args.benchmark}/classes.json",
-        args.clip_dir or f"models/clip/{args.clip}",
-        cfg["clip_eval"]["templates"],
-        args.predictions or f"results/predictions/{model}/{args.benchmark}.parquet",
-        args.metrics or f"results/metrics/{model}/{args.benchmark}.json",
-        metric=fc.metric_of(cfg, args.benchmark),
-        batch_size=cfg["clip_eval"].get("batch_size", 64),
-        device=fc.device_of(cfg),
+        study.clip_eval_spec(cfg, args.clip),
+        **paths.clip_eval_inputs(args.benchmark, args.clip),
+        predictions=args.predictions or outputs["predictions"],
+        metrics=args.metrics or outputs["metrics"],
+        metric=study.metric_of(cfg, args.benchmark),
+        batch_size=cfg["clip_eval"]["batch_size"],
+        device=study.device_of(cfg),
     )
     print(
         f"{model} on {args.benchmark}: 5-way {metrics['accuracy']:.3f}, "
@@ -119,87 +114,82 @@ def cmd_eval_clip(args: argparse.Namespace) -> None:
     )
 
 
-def cmd_materialize_llm(args: argparse.Namespace) -> None:
-    cfg = _config(args)
+def cmd_materialize_llm(args: argparse.Namespace, cfg: dict) -> None:
     llm = _lookup(cfg, "llms", args.llm)
-    worlds = [f"data/synthetic/{w}" for w in fc.synthetic_world_names(cfg)]
-    stages.materialize_llm(llm["source"], args.out or f"models/llm/{args.llm}", world_dirs=worlds)
+    stages.materialize_llm(
+        llm["source"], args.out or paths.LLM.format(llm=args.llm), **paths.llm_inputs(cfg, args.llm)
+    )
 
 
-def cmd_shard_train(args: argparse.Namespace) -> None:
-    cfg = _config(args)
+def cmd_materialize_base_vlm(args: argparse.Namespace, cfg: dict) -> None:
+    base = _lookup(cfg, "base_vlms", args.base)
+    stages.materialize_base_vlm(
+        base["source"],
+        args.out or paths.BASE_VLM.format(base=args.base),
+        **paths.base_vlm_inputs(cfg, args.base),
+    )
+
+
+def cmd_shard_train(args: argparse.Namespace, cfg: dict) -> None:
     source = _lookup(cfg, "train_data", args.data)["source"]
     index = stages.shard_train_data(
         source,
-        args.out or f"shards/train/{args.data}",
-        raw_dir=f"data/raw/train/{args.data}",
-        world_dirs=[f"data/synthetic/{w}" for w in source.get("worlds", [])],
-        samples_per_shard=(cfg.get("training") or {}).get("samples_per_shard", 10000),
+        args.out or paths.TRAIN_SHARDS.format(data=args.data),
+        **paths.train_data_inputs(cfg, args.data),
+        raw_dir=paths.TRAIN_RAW.format(data=args.data),
+        samples_per_shard=cfg["training"]["samples_per_shard"],
     )
     print(f"{len(index['shards'])} shards, {index['total']} samples")
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace, cfg: dict) -> None:
     """One pretraining (--pretrain KEY) or finetuning (--run NAME) job, resumable."""
-    cfg = _config(args)
-    training = cfg.get("training") or {}
     if args.pretrain:
-        jobs = fc.pretrain_jobs(cfg)
+        jobs = study.pretrain_jobs(cfg)
         if args.pretrain not in jobs:
-            raise fc.ConfigError(f"no pretraining job {args.pretrain!r} (known: {', '.join(jobs)})")
-        spec, out = jobs[args.pretrain], f"runs/{args.pretrain}/pretrain"
-        inputs = {
-            "clip_dir": f"models/clip/{fc.encoder_clip(cfg, spec['encoder'])}",
-            "llm_dir": f"models/llm/{spec['llm']}",
-            "data_dir": f"shards/train/{spec['data']}",
-        }
+            known = ", ".join(jobs) or "none"
+            raise study.ConfigError(f"no pretraining job {args.pretrain!r} (known: {known})")
+        spec = jobs[args.pretrain]
+        inputs = paths.pretrain_inputs(cfg, args.pretrain)
+        out = args.out or paths.PRETRAIN.format(pretrain_key=args.pretrain)
     else:
-        rows = {row["name"]: row for row in fc.trained_rows(cfg)}
-        if args.run not in rows:
-            raise fc.ConfigError(f"no trained ablation row {args.run!r}")
-        row = rows[args.run]
-        spec, out = fc.finetune_spec(cfg, row), f"runs/{args.run}/finetune"
-        inputs = {"data_dir": f"shards/train/{spec['data']}"}
-        if row["arch"] == "qwen2_vl":
-            inputs["base_dir"] = f"models/base/{row['base']}"
-        else:
-            inputs["clip_dir"] = f"models/clip/{fc.encoder_clip(cfg, row['vision_encoder'])}"
-            inputs["llm_dir"] = f"models/llm/{row['llm']}"
-            key = fc.pretrain_key_of(cfg, row)
-            if key:
-                inputs["init_dir"] = f"runs/{key}/pretrain"
+        spec = study.finetune_spec(cfg, study.trained_row(cfg, args.run))
+        inputs = paths.finetune_inputs(cfg, args.run)
+        out = args.out or paths.FINETUNE.format(run=args.run)
     stages.train_stage(
         spec,
-        args.out or out,
-        state_dir=f"{args.out or out}.state",
-        device=fc.device_of(cfg),
-        checkpoint_every=training.get("checkpoint_every", 500),
-        dataloader_workers=training.get("dataloader_workers", 0),
-        **inputs,
+        out,
+        state_dir=paths.state_dir(out),
+        data_dir=inputs["data"],
+        clip_dir=inputs.get("clip"),
+        llm_dir=inputs.get("llm"),
+        init_dir=inputs.get("init"),
+        base_dir=inputs.get("base"),
+        device=study.device_of(cfg),
+        checkpoint_every=cfg["training"]["checkpoint_every"],
+        dataloader_workers=cfg["training"]["dataloader_workers"],
     )
 
 
-def cmd_eval_vlm(args: argparse.Namespace) -> None:
-    cfg = _config(args)
-    if args.model not in fc.vlm_models(cfg):
-        raise fc.ConfigError(f"no VLM {args.model!r} (known: {', '.join(fc.vlm_models(cfg))})")
-    if args.benchmark not in fc.vlm_benchmarks(cfg):
-        raise fc.ConfigError(f"no benchmark {args.benchmark!r}")
-    evaluation = cfg.get("evaluation") or {}
-    fine = args.benchmark in cfg["benchmarks"]
-    stem = f"results/{{}}/{args.model}/{args.benchmark}"
+def cmd_eval_vlm(args: argparse.Namespace, cfg: dict) -> None:
+    models = study.vlm_models(cfg)
+    if args.model not in models:
+        raise study.ConfigError(f"no VLM {args.model!r} (known: {', '.join(models)})")
+    if args.benchmark not in study.vlm_benchmarks(cfg):
+        known = ", ".join(study.vlm_benchmarks(cfg))
+        raise study.ConfigError(f"no benchmark {args.benchmark!r} (known: {known})")
+    inputs = paths.eval_vlm_inputs(cfg, args.model, args.benchmark)
+    if args.model_dir:
+        inputs["model"] = args.model_dir
+    evaluation = cfg["evaluation"]
     metrics = stages.eval_vlm(
-        fc.vlm_eval_spec(cfg, args.model, args.benchmark),
-        args.model_dir or fc.vlm_model_dir(cfg, args.model),
-        f"shards/questions/{args.benchmark}" if fine else f"data/vqa/{args.benchmark}.tsv",
-        stem.format("predictions") + ".parquet",
-        stem.format("metrics") + ".json",
-        stem.format("metrics") + ".details.json",
-        parts_dir=stem.format("parts"),
-        questions_path=f"results/questions/{args.benchmark}.parquet" if fine else None,
-        batch_size=evaluation.get("batch_size", 16),
-        part_size=evaluation.get("part_size", 512),
-        device=fc.device_of(cfg),
+        study.vlm_eval_spec(cfg, args.model, args.benchmark),
+        **inputs,
+        **paths.eval_outputs(args.model, args.benchmark),
+        parts_dir=paths.PARTS.format(model=args.model, vlm_benchmark=args.benchmark),
+        batch_size=evaluation["batch_size"],
+        part_size=evaluation["part_size"],
+        device=study.device_of(cfg),
     )
     print(
         f"{args.model} on {args.benchmark}: {metrics['primary']} "
@@ -227,10 +217,21 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
 
 
 def _lookup(cfg: dict, table: str, name: str) -> dict:
-    entries = cfg.get(table) or {}
+    entries = cfg[table]
     if name not in entries:
-        raise fc.ConfigError(f"{table}: no entry {name!r} (known: {', '.join(sorted(entries))})")
+        known = ", ".join(sorted(entries)) or "none defined"
+        raise study.ConfigError(f"{table}: no entry {name!r} (known: {known})")
     return entries[name]
+
+
+def _override(files: dict, args: argparse.Namespace) -> dict:
+    """``files`` (a job's named inputs or outputs) with those given on the command line."""
+    return {name: getattr(args, name, None) or path for name, path in files.items()}
+
+
+def _with_config(func):
+    """A subcommand that reads the study config first (``--config``)."""
+    return lambda args: func(args, study.load_config(args.config))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,54 +242,63 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if config:
             p.add_argument("--config", default="config/config.yaml", type=Path)
+            func = _with_config(func)
         p.set_defaults(func=func)
         return p
 
     p = add("validate-config", cmd_validate_config, "Validate a study config.", config=False)
     p.add_argument("path", type=Path)
 
-    p = add("synthesize", cmd_synthesize, "Draw a synthetic world (demo data).")
+    p = add("synthesize", cmd_synthesize, "Draw a synthetic world (rule synthesize_world).")
     p.add_argument("--world", required=True)
     p.add_argument("--out")
 
-    p = add("manifest", cmd_manifest, "Download and normalize a benchmark into its manifest.")
+    p = add("manifest", cmd_manifest, "Download and normalize a benchmark (rule build_manifest).")
     p.add_argument("--benchmark", required=True)
-    for opt in ("--out", "--classes", "--negatives", "--raw-dir", "--world-dir"):
+    for opt in ("--manifest", "--classes", "--candidates", "--raw-dir", "--world"):
         p.add_argument(opt)
 
-    p = add("vqa-benchmark", cmd_vqa_benchmark, "Fetch (or synthesize) a general-VQA TSV.")
+    p = add("vqa-benchmark", cmd_vqa_benchmark, "Fetch or synthesize a general-VQA TSV.")
     p.add_argument("--name", required=True)
     p.add_argument("--out")
 
-    p = add("fetch-clip", cmd_fetch_clip, "Fetch or materialize a CLIP model's weights.")
+    p = add("fetch-clip", cmd_fetch_clip, "Fetch or materialize a CLIP model (rule fetch_clip).")
     p.add_argument("--clip", required=True)
     p.add_argument("--out")
 
-    p = add("mine", cmd_mine, "Mine 5-way questions with CLIP hard negatives.")
+    p = add("materialize-hub-vlm", cmd_materialize_hub_vlm, "Fetch a released VLM or a stand-in.")
+    p.add_argument("--hub", required=True)
+    p.add_argument("--out")
+
+    p = add("mine", cmd_mine, "Mine 5-way questions with CLIP hard negatives (mine_questions).")
     p.add_argument("--benchmark", required=True)
-    for opt in ("--manifest", "--classes", "--negatives", "--clip-dir", "--out"):
+    for opt in ("--manifest", "--classes", "--candidates", "--clip", "--out"):
         p.add_argument(opt)
 
-    p = add("shard", cmd_shard, "Write a question set as WebDataset shards.")
+    p = add("shard", cmd_shard, "Write a question set as WebDataset shards (shard_questions).")
     p.add_argument("--benchmark", required=True)
     for opt in ("--questions", "--manifest", "--out"):
         p.add_argument(opt)
 
-    p = add("eval-clip", cmd_eval_clip, "Zero-shot CLIP baseline on one benchmark.")
+    p = add("eval-clip", cmd_eval_clip, "Zero-shot CLIP baseline on one benchmark (eval_clip).")
     p.add_argument("--benchmark", required=True)
     p.add_argument("--clip", required=True)
-    for opt in ("--shards", "--classes", "--clip-dir", "--predictions", "--metrics"):
+    for opt in ("--predictions", "--metrics"):
         p.add_argument(opt)
 
     p = add("materialize-llm", cmd_materialize_llm, "Fetch an LLM or create a tiny one.")
     p.add_argument("--llm", required=True)
     p.add_argument("--out")
 
+    p = add("materialize-base-vlm", cmd_materialize_base_vlm, "Fetch a base VLM or a tiny one.")
+    p.add_argument("--base", required=True)
+    p.add_argument("--out")
+
     p = add("shard-train", cmd_shard_train, "Write a training-data source as shards.")
     p.add_argument("--data", required=True)
     p.add_argument("--out")
 
-    p = add("train", cmd_train, "Run one pretraining or finetuning job (resumable).")
+    p = add("train", cmd_train, "One pretraining or finetuning job (rules pretrain, finetune).")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument(
         "--pretrain", metavar="KEY", help="a pretraining job (fgvlm.config.pretrain_jobs)"
@@ -322,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup()
     try:
         args.func(args)
-    except (fc.ConfigError, ValueError, FileNotFoundError) as err:
+    except (study.ConfigError, ValueError, FileNotFoundError) as err:
         print(f"fgvlm {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

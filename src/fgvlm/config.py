@@ -50,6 +50,16 @@ def load_config(path: str | Path) -> dict:
         raise ConfigError(f"{path}: {err}") from err
 
 
+def canonical(value: Any) -> Any:
+    """``value`` with every mapping's keys sorted, recursively. Snakemake compares a job's params
+    by their ``repr``: reordering keys in the YAML must not rerun anything."""
+    if isinstance(value, dict):
+        return {key: canonical(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [canonical(item) for item in value]
+    return value
+
+
 def _key_path(parts: Iterable[Any]) -> str:
     out = ""
     for part in parts:
@@ -68,8 +78,50 @@ def validate(config: Any) -> dict:
         # oneOf failures are unreadable as-is: report the branch that matched the 'type' field.
         err = _oneof_branch_error(errors[0])
         raise ConfigError(f"{_key_path(err.absolute_path)}: {err.message}")
+    _fill_defaults(config, validator.schema, validator)
     _check_references(config)
     return config
+
+
+def _fill_defaults(instance: Any, schema: dict, validator: jsonschema.Validator) -> None:
+    """Fill the schema's ``default`` values into ``instance`` (in place), so code reads every
+    optional key directly. Optional objects whose members have defaults (``training``,
+    ``evaluation``) are created; in a ``oneOf`` only the branch the instance matches is used."""
+    schema = _resolved(schema, validator)
+    if isinstance(instance, list) and isinstance(schema.get("items"), dict):
+        for item in instance:
+            _fill_defaults(item, schema["items"], validator)
+    if not isinstance(instance, dict):
+        return
+    for branch in schema.get("oneOf", []):
+        if next(validator.descend(instance, branch), None) is None:
+            _fill_defaults(instance, branch, validator)
+            break
+    properties = schema.get("properties", {})
+    for key, sub in properties.items():
+        sub = _resolved(sub, validator)
+        if key not in instance:
+            if "default" in sub:
+                instance[key] = copy.deepcopy(sub["default"])
+            elif sub.get("type") == "object" and not sub.get("required") and _has_defaults(sub):
+                instance[key] = {}
+        if key in instance:
+            _fill_defaults(instance[key], sub, validator)
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key, value in instance.items():
+            if key not in properties:
+                _fill_defaults(value, extra, validator)
+
+
+def _resolved(schema: dict, validator: jsonschema.Validator) -> dict:
+    while "$ref" in schema:
+        schema = validator.schema["$defs"][schema["$ref"].removeprefix("#/$defs/")]
+    return schema
+
+
+def _has_defaults(schema: dict) -> bool:
+    return any("default" in sub for sub in schema.get("properties", {}).values())
 
 
 def _oneof_branch_error(err: jsonschema.ValidationError) -> jsonschema.ValidationError:
@@ -106,7 +158,7 @@ def _check_references(config: dict) -> None:
         if source["type"] == "synthetic":
             _require(
                 source["world"],
-                config.get("synthetic_worlds"),
+                config["synthetic_worlds"],
                 "synthetic_worlds",
                 f"benchmarks.{name}.source.world",
             )
@@ -114,23 +166,23 @@ def _check_references(config: dict) -> None:
             _require(
                 bench["classnames"], _classname_tables(), "classnames.json", f"benchmarks.{name}"
             )
-    for name, enc in (config.get("encoders") or {}).items():
+    for name, enc in config["encoders"].items():
         _require(enc["clip"], clips, "clip_models", f"encoders.{name}.clip")
-    for name, base in (config.get("base_vlms") or {}).items():
+    for name, base in config["base_vlms"].items():
         if "text_model" in base["source"]:
             _require(
                 base["source"]["text_model"],
-                config.get("llms"),
+                config["llms"],
                 "llms",
                 f"base_vlms.{name}.source.text_model",
             )
-    for name, vlm in (config.get("hub_vlms") or {}).items():
+    for name, vlm in config["hub_vlms"].items():
         if "clip" in vlm:
             _require(vlm["clip"], clips, "clip_models", f"hub_vlms.{name}.clip")
         if "tiny" in vlm:
             _require(
                 vlm["tiny"]["text_model"],
-                config.get("llms"),
+                config["llms"],
                 "llms",
                 f"hub_vlms.{name}.tiny.text_model",
             )
@@ -142,7 +194,7 @@ def _check_references(config: dict) -> None:
                     f"hub_vlms.{name}.family: {vlm['family']!r} is not one of "
                     f"{sorted(STYLE_BY_FAMILY)}"
                 )
-    clash = set(config["benchmarks"]) & set(config.get("vqa_benchmarks") or {})
+    clash = set(config["benchmarks"]) & set(config["vqa_benchmarks"])
     if clash:
         raise ConfigError(f"vqa_benchmarks: names also used by benchmarks: {sorted(clash)}")
     _check_ablations(config)
@@ -150,28 +202,26 @@ def _check_references(config: dict) -> None:
 
 def _check_ablations(config: dict) -> None:
     seen: set[str] = set()
-    recipes = config.get("recipes") or {}
-    for i, row in enumerate(config.get("ablations") or []):
+    recipes = config["recipes"]
+    for i, row in enumerate(config["ablations"]):
         where = f"ablations[{i}] ({row['name']})"
         if row["name"] in seen:
             raise ConfigError(f"{where}: duplicate ablation name {row['name']!r}")
         seen.add(row["name"])
-        _require(
-            row["vision_encoder"], config.get("encoders"), "encoders", f"{where}.vision_encoder"
-        )
-        _require(row["llm"], config.get("llms"), "llms", f"{where}.llm")
+        _require(row["vision_encoder"], config["encoders"], "encoders", f"{where}.vision_encoder")
+        _require(row["llm"], config["llms"], "llms", f"{where}.llm")
         if "hub" in row:
-            _require(row["hub"], config.get("hub_vlms"), "hub_vlms", f"{where}.hub")
+            _require(row["hub"], config["hub_vlms"], "hub_vlms", f"{where}.hub")
             continue
         if row["arch"] == "qwen2_vl":
             if "base" not in row:
                 raise ConfigError(f"{where}: a trained qwen2_vl row needs 'base' (a base_vlms key)")
-            _require(row["base"], config.get("base_vlms"), "base_vlms", f"{where}.base")
+            _require(row["base"], config["base_vlms"], "base_vlms", f"{where}.base")
         for field, stage in (("pt_data", "pretrain"), ("ft_data", "finetune")):
             value = row[field]
             if value in NO_DATA:
                 continue
-            _require(value, config.get("train_data"), "train_data", f"{where}.{field}")
+            _require(value, config["train_data"], "train_data", f"{where}.{field}")
             if config["train_data"][value]["stage"] != stage:
                 declared = config["train_data"][value]["stage"]
                 raise ConfigError(
@@ -203,7 +253,7 @@ def _classname_tables() -> dict:
 
 def device_of(config: dict) -> str:
     """The torch device jobs should use ('auto' resolves at run time)."""
-    choice = config.get("device", "auto")
+    choice = config["device"]
     if choice != "auto":
         return choice
     import torch
@@ -218,12 +268,12 @@ def benchmark_names(config: dict) -> list[str]:
 def clip_model_names(config: dict) -> list[str]:
     """Every CLIP model some job needs: the miner's, the baselines' and the encoders'."""
     names = [config["miner"]["clip"], *config["clip_eval"]["models"]]
-    names += [enc["clip"] for enc in (config.get("encoders") or {}).values()]
+    names += [enc["clip"] for enc in config["encoders"].values()]
     return list(dict.fromkeys(names))
 
 
 def synthetic_world_names(config: dict) -> list[str]:
-    return list(config.get("synthetic_worlds") or {})
+    return list(config["synthetic_worlds"] or {})
 
 
 def benchmark_spec(config: dict, name: str) -> dict:
@@ -271,7 +321,15 @@ def recipe_name(row: dict, stage: str) -> str | None:
 
 
 def trained_rows(config: dict) -> list[dict]:
-    return [row for row in config.get("ablations") or [] if "hub" not in row]
+    return [row for row in config["ablations"] if "hub" not in row]
+
+
+def trained_row(config: dict, name: str) -> dict:
+    """The trained ablation row called ``name``."""
+    rows = {row["name"]: row for row in trained_rows(config)}
+    if name not in rows:
+        raise ConfigError(f"no trained ablation row {name!r} (known: {', '.join(rows) or 'none'})")
+    return rows[name]
 
 
 def pretrain_spec(config: dict, row: dict) -> dict | None:
@@ -394,6 +452,14 @@ def hub_family(vlm: dict) -> str:
     return family_of_repo(vlm["repo"])
 
 
+def hub_vlm_spec(config: dict, name: str) -> dict:
+    """What fetching (or building) hub VLM ``name`` depends on: not its label, prompt family,
+    scoring mode or CLIP, which only evaluation and the report read."""
+    vlm = config["hub_vlms"][name]
+    keys = ("repo", "revision", "tiny", "trust_remote_code", "tokenizer")
+    return {key: vlm[key] for key in keys if key in vlm}
+
+
 def model_of_row(row: dict) -> str:
     """The results name of an ablation row: its run name, or hub-<name> for released rows."""
     return f"hub-{row['hub']}" if "hub" in row else row["name"]
@@ -401,15 +467,13 @@ def model_of_row(row: dict) -> str:
 
 def vlm_models(config: dict) -> dict[str, dict]:
     """Every VLM evaluated: trained ablation rows and hub VLMs, by results name."""
-    evaluation = config.get("evaluation") or {}
-    mode = evaluation.get("mode", "generate")
-    max_new = evaluation.get("max_new_tokens", 8)
-    option_prompt = evaluation.get("option_prompt", "cloze")
+    evaluation = config["evaluation"]
+    mode = evaluation["mode"]
+    max_new = evaluation["max_new_tokens"]
+    option_prompt = evaluation["option_prompt"]
     models = {}
     for row in trained_rows(config):
-        family = (
-            "qwen2_vl" if row["arch"] == "qwen2_vl" else evaluation.get("trained_family", "fgvlm")
-        )
+        family = "qwen2_vl" if row["arch"] == "qwen2_vl" else evaluation["trained_family"]
         kind = "hub" if row["arch"] == "qwen2_vl" else "trained"
         models[row["name"]] = {
             "kind": kind,
@@ -419,7 +483,7 @@ def vlm_models(config: dict) -> dict[str, dict]:
             "max_new_tokens": max_new,
             "option_prompt": option_prompt,
         }
-    for key, vlm in (config.get("hub_vlms") or {}).items():
+    for key, vlm in config["hub_vlms"].items():
         models[f"hub-{key}"] = {
             "kind": "hub",
             "name": f"hub-{key}",
@@ -427,20 +491,14 @@ def vlm_models(config: dict) -> dict[str, dict]:
             "mode": vlm.get("mode", mode),
             "max_new_tokens": max_new,
             "option_prompt": option_prompt,
-            "trust_remote_code": vlm.get("trust_remote_code", False),
+            "trust_remote_code": vlm["trust_remote_code"],
             **({"processor_kwargs": vlm["processor_kwargs"]} if "processor_kwargs" in vlm else {}),
         }
     return models
 
 
-def vlm_model_dir(config: dict, model: str) -> str:
-    if model.startswith("hub-"):
-        return f"models/hub/{model[4:]}"
-    return f"runs/{model}/finetune"
-
-
 def vlm_benchmarks(config: dict) -> list[str]:
-    return [*config["benchmarks"], *(config.get("vqa_benchmarks") or {})]
+    return [*config["benchmarks"], *config["vqa_benchmarks"]]
 
 
 def vlm_benchmark_spec(config: dict, benchmark: str) -> dict:
@@ -467,8 +525,8 @@ def report_spec(config: dict) -> dict:
     """What the ablation table and effects depend on: rows, their factors and results names."""
     from fgvlm.report.aggregate import effects_exclusions, runs_from_config
 
-    rows = config.get("ablations") or []
-    vqa = config.get("vqa_benchmarks") or {}
+    rows = config["ablations"]
+    vqa = config["vqa_benchmarks"]
     return {
         "runs": runs_from_config(config).to_dicts() if rows else [],
         "models": {row["name"]: model_of_row(row) for row in rows},
@@ -484,13 +542,13 @@ def report_spec(config: dict) -> dict:
 
 def models_spec(config: dict) -> dict:
     """What Section 3's table depends on: hub VLMs, CLIP baselines, labels and encoders."""
-    hub = config.get("hub_vlms") or {}
+    hub = config["hub_vlms"] or {}
     clips = config["clip_eval"]["models"]
     return {
         "hub_models": [f"hub-{name}" for name in hub],
         "clip_models": {name: f"clip-{name}" for name in clips},
         "fine_grained": list(config["benchmarks"]),
-        "general": list(config.get("vqa_benchmarks") or {}),
+        "general": list(config["vqa_benchmarks"]),
         "model_labels": {
             **{f"hub-{k}": v.get("label", k) for k, v in hub.items()},
             **{k: config["clip_models"][k].get("label", k) for k in clips},

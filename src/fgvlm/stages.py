@@ -1,14 +1,17 @@
-"""One function per stage of the DAG, from files to files.
+"""One function per rule of the DAG, from files to files.
 
-Snakemake scripts and the ``fgvlm`` CLI both call these, so a stage runs the same with or
-without the workflow. Each takes the config subtree its job depends on (the rule's ``params``),
-input paths and output paths; every output is written atomically.
+Snakemake scripts and the ``fgvlm`` CLI both call these, with the same arguments: the job's
+config subtree (the rule's ``params``), its input files (named as in the rule, from
+``fgvlm.paths``) and its outputs. Each reads its inputs, makes one call into the library that
+owns the work, and writes its outputs atomically. ``pretrain`` and ``finetune`` share
+``train_stage`` (the entry ``fgvlm.training.launch`` runs on every rank).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 from pathlib import Path
 
 import polars as pl
@@ -18,172 +21,84 @@ from fgvlm import io
 log = logging.getLogger(__name__)
 
 
-def synthesize_world(world: dict, out_dir: str | Path) -> dict:
-    """Draw a synthetic fine-grained world (``config.synthetic_worlds.<name>``) into ``out_dir``."""
+def synthesize_world(world: dict, out: str) -> None:
+    """Draw a synthetic fine-grained world (``config.synthetic_worlds.<name>``) into ``out``."""
     from fgvlm.data.synthetic import generate_world
 
+    keys = ("image_size", "train_per_class", "test_per_class", "mc_fraction", "naming_fraction")
     summary = generate_world(
-        Path(out_dir),
-        family=world["family"],
-        seed=world["seed"],
-        image_size=world.get("image_size", 32),
-        train_per_class=world.get("train_per_class", 40),
-        test_per_class=world.get("test_per_class", 10),
-        **{k: world[k] for k in ("mc_fraction", "naming_fraction") if k in world},
+        Path(out), family=world["family"], seed=world["seed"], **{k: world[k] for k in keys}
     )
-    log.info("world %s: %s", out_dir, summary)
-    return summary
-
-
-def world_pairs(world_dirs: list[str | Path]) -> list[tuple[Path, str]]:
-    """(train image, text) pairs of synthetic worlds for CLIP pretraining: each image with
-    "a photo of a <class>" and with its long caption."""
-    pairs = []
-    for world in map(Path, world_dirs):
-        for row in _jsonl(world / "captions.jsonl"):
-            image = world / row["image"]
-            classname = image.parent.name.replace("_", " ")
-            pairs += [(image, f"a photo of a {classname}"), (image, row["long"])]
-    return pairs
+    log.info("world %s: %s", out, summary)
 
 
 def build_manifest(
     spec: dict,
-    manifest_path: str | Path,
-    classes_path: str | Path,
-    negatives_path: str | Path,
     *,
-    raw_dir: str | Path,
-    world_dir: str | Path | None = None,
-) -> pl.DataFrame:
-    """Download (where the source allows) and normalize a benchmark into its manifest.
+    manifest: str,
+    classes: str,
+    candidates: str,
+    raw_dir: str,
+    world: str | None = None,
+) -> None:
+    """A benchmark (``fgvlm.config.benchmark_spec``), downloaded where its source allows, as a
+    manifest, its class list and its candidate negatives."""
+    from fgvlm.data.benchmarks import read_benchmark, write_benchmark
 
-    ``spec`` is ``fgvlm.config.benchmark_spec``: the source and the class-name table. Writes the
-    manifest, the full class-name list (label order) to ``classes_path``, and to
-    ``negatives_path`` the candidate negatives per image key where the source defines them
-    (ImageNet: the human-annotated model mistakes), else null (every class is a candidate).
-    Every image is opened once so that a corrupt file fails here, naming the file, not in a
-    GPU job later.
-    """
-    from fgvlm.data import classification, folder, imagenet, manifest
-
-    source = spec["source"]
-    kind = source["type"]
-    raw_dir = Path(raw_dir)
-    negatives = None
-    if kind == "torchvision":
-        classification.download_torchvision_dataset(source["name"], raw_dir)
-        frame = classification.build_manifest(
-            source["name"], raw_dir, expected_count=source.get("expected_count")
-        )
-    elif kind == "imagenet_subset":
-        annotations = raw_dir / "human_accuracy_v3.0.0.json"
-        ann = source["annotations"]
-        imagenet.download_annotations(ann["url"], ann["md5"], annotations)
-        min_wrong = source.get("min_wrong", imagenet.MIN_WRONG)
-        frame = imagenet.read_imagenet_subset(Path(source["val_dir"]), annotations, min_wrong)
-        negatives = imagenet.subset_negatives(imagenet.load_annotations(annotations), min_wrong)
-    elif kind == "image_folder":
-        frame = folder.read_image_folder(Path(source["root"]), split=source.get("split", "test"))
-    elif kind == "csv":
-        root = source.get("image_root")
-        frame = folder.read_csv_source(
-            Path(source["csv"]), Path(root) if root else None, split=source.get("split", "test")
-        )
-    elif kind == "synthetic":
-        # A synthetic world is an image-folder tree: read it through the generic source.
-        split = source.get("split", "test")
-        frame = folder.read_image_folder(Path(world_dir) / split, split=split)
-    else:  # the schema rejects other types; this guards direct library use
-        raise ValueError(f"benchmark source type {kind!r} is not supported")
-
-    classnames = _classnames(spec, frame, world_dir)
-    frame = manifest.make_manifest(frame)
-    manifest.verify_images(frame)
-    manifest.write_manifest(frame, manifest_path)
-    io.write_json(classnames, classes_path)
-    io.write_json(negatives, negatives_path)
-    log.info("manifest %s: %d images, %d classes", manifest_path, frame.height, len(classnames))
-    return frame
+    benchmark = read_benchmark(spec, raw_dir=Path(raw_dir), world_dir=world and Path(world))
+    write_benchmark(benchmark, Path(manifest), Path(classes), Path(candidates))
 
 
-def _classnames(spec: dict, frame: pl.DataFrame, world_dir: str | Path | None) -> list[str]:
-    """The full class list in label order: a named table, the world's classes, or the manifest's."""
-    from fgvlm.data.classification import load_classnames
+def vqa_benchmark(source: dict, out: str) -> None:
+    """A general-VQA benchmark as a VLMEvalKit TSV (downloaded, md5-checked, or synthesized)."""
+    from fgvlm.data.benchmarks import fetch_vqa_benchmark
 
-    if "classnames" in spec:
-        return load_classnames(spec["classnames"])
-    if world_dir is not None:
-        return io.read_json(Path(world_dir) / "classes.json")
-    pairs = frame.select("label", "classname").unique().sort("label")
-    labels = pairs["label"].to_list()
-    if labels != list(range(len(labels))):
-        raise ValueError("manifest labels are not 0..C-1; name a class table with 'classnames'")
-    return pairs["classname"].to_list()
+    fetch_vqa_benchmark(source, Path(out))
 
 
-def fetch_clip(source: dict, out_dir: str | Path, *, world_dirs: list[str | Path] = ()) -> None:
-    """Fetch released CLIP weights, or materialize a tiny CLIP (random init, then optionally
-    contrastive pretraining on the synthetic worlds' train images) into ``out_dir``."""
-    from fgvlm.models import clip
+def fetch_clip(source: dict, out: str, *, model_config: str | None = None, worlds=()) -> None:
+    """Released CLIP weights, or a tiny CLIP (from ``model_config``, pre-trained on ``worlds``)."""
+    from fgvlm.models.materialize import materialize_clip
 
-    if source["type"] == "open_clip":
-        clip.fetch_pretrained_clip(
-            source["arch"], source["pretrained"], Path(out_dir), revision=source.get("revision")
-        )
-    elif source["type"] == "random_init" and "pretrain" in source:
-        import tempfile
-
-        pretrain = source["pretrain"]
-        with tempfile.TemporaryDirectory(dir=Path(out_dir).parent) as tmp:
-            init = Path(tmp) / "init"
-            clip.materialize_random_clip(Path(source["model_config"]), init, source["seed"])
-            summary = clip.contrastive_pretrain(
-                init,
-                Path(out_dir),
-                world_pairs(world_dirs),
-                steps=pretrain["steps"],
-                seed=source["seed"],
-                lr=pretrain.get("lr", 1e-3),
-            )
-        log.info("CLIP pretraining %s: %s", out_dir, summary)
-    elif source["type"] == "random_init":
-        clip.materialize_random_clip(Path(source["model_config"]), Path(out_dir), source["seed"])
-    else:
-        raise ValueError(f"CLIP source type {source['type']!r} is not supported")
+    materialize_clip(source, Path(out), world_dirs=[Path(w) for w in worlds])
 
 
-def mine(
-    manifest_path: str | Path,
-    classes_path: str | Path,
-    negatives_path: str | Path,
-    clip_dir: str | Path,
+def materialize_hub_vlm(vlm: dict, out: str, *, text_model: str | None = None) -> None:
+    """A released VLM (``fgvlm.config.hub_vlm_spec``; safetensors only), or a tiny stand-in."""
+    from fgvlm.models.materialize import materialize_hub_vlm as materialize
+
+    materialize(vlm, Path(out), text_model_dir=text_model and Path(text_model))
+
+
+def mine_questions(
     miner: dict,
-    questions_path: str | Path,
     *,
+    manifest: str,
+    classes: str,
+    candidates: str,
+    clip: str,
+    out: str,
     benchmark: str,
-    batch_size: int = 64,
-    device: str = "cpu",
-) -> pl.DataFrame:
-    """Mine 5-way questions (``miner``: ``fgvlm.config.miner_spec``) for one benchmark."""
+    batch_size: int,
+    device: str,
+) -> None:
+    """5-way questions with CLIP hard negatives (``miner``: ``fgvlm.config.miner_spec``)."""
     from fgvlm.data.manifest import read_manifest
-    from fgvlm.mining import mine_questions
+    from fgvlm.mining import mine_questions as mine
     from fgvlm.models.clip import load_clip
 
-    frame = read_manifest(manifest_path)
-    classnames = io.read_json(classes_path)
-    model = load_clip(Path(clip_dir), device=device)
-    questions = mine_questions(
-        frame,
+    model = load_clip(Path(clip), device=device)
+    questions = mine(
+        read_manifest(manifest),
         model,
         benchmark=benchmark,
-        classnames=classnames,
+        classnames=io.read_json(classes),
         templates=miner["templates"],
         seed=miner["seed"],
         k=miner["negatives"],
         batch_size=batch_size,
         device=device,
-        candidates=io.read_json(negatives_path),
+        candidates=io.read_json(candidates),
     )
     metadata = {
         "benchmark": benchmark,
@@ -192,177 +107,80 @@ def mine(
         "negatives": str(miner["negatives"]),
         "seed": str(miner["seed"]),
     }
-    io.write_parquet(questions, questions_path, metadata=metadata)
-    log.info("questions %s: %d", questions_path, questions.height)
-    return questions
+    io.write_parquet(questions, out, metadata=metadata)
+    log.info("questions %s: %d", out, questions.height)
 
 
-def shard(
-    questions_path: str | Path,
-    manifest_path: str | Path,
-    out_dir: str | Path,
-    *,
-    samples_per_shard: int,
-) -> dict:
-    """Write a question set and its images as WebDataset shards with an index."""
+def shard_questions(*, questions: str, manifest: str, out: str, samples_per_shard: int) -> dict:
+    """A question set and its images as WebDataset shards with an index."""
     from fgvlm.data.manifest import read_manifest
     from fgvlm.data.shards import write_question_shards
 
     return write_question_shards(
-        pl.read_parquet(questions_path),
-        read_manifest(manifest_path),
-        Path(out_dir),
+        pl.read_parquet(questions),
+        read_manifest(manifest),
+        Path(out),
         samples_per_shard=samples_per_shard,
     )
 
 
 def eval_clip(
-    shard_dir: str | Path,
-    classes_path: str | Path,
-    clip_dir: str | Path,
-    templates: list[str],
-    predictions_path: str | Path,
-    metrics_path: str | Path,
+    spec: dict,
     *,
-    metric: str = "accuracy",
-    batch_size: int = 64,
-    device: str = "cpu",
+    shards: str,
+    classes: str,
+    clip: str,
+    predictions: str,
+    metrics: str,
+    metric: str,
+    batch_size: int,
+    device: str,
 ) -> dict:
-    """Zero-shot CLIP baseline on one benchmark: N-way and 5-way, predictions and metrics."""
+    """Zero-shot CLIP baseline on one benchmark: N-way and 5-way (``fgvlm.config.clip_eval_spec``)."""
     from fgvlm.data.shards import iter_question_samples
     from fgvlm.evaluate.clip_zeroshot import evaluate_clip
     from fgvlm.models.clip import load_clip
 
-    model = load_clip(Path(clip_dir), device=device)
-    predictions, metrics = evaluate_clip(
-        iter_question_samples(Path(shard_dir)),
-        model,
-        io.read_json(classes_path),
-        templates,
+    frame, summary = evaluate_clip(
+        iter_question_samples(Path(shards)),
+        load_clip(Path(clip), device=device),
+        io.read_json(classes),
+        spec["templates"],
         batch_size=batch_size,
         device=device,
         primary=metric,
     )
-    io.write_parquet(predictions, predictions_path)
-    io.write_json(metrics, metrics_path)
-    return metrics
+    io.write_parquet(frame, predictions)
+    io.write_json(summary, metrics)
+    return summary
 
 
-def vqa_benchmark(source: dict, out_path: str | Path) -> None:
-    """Fetch a VLMEvalKit TSV (md5-checked) or write the demo's synthetic one."""
-    if source["type"] == "synthetic_vqa":
-        from fgvlm.data.synthetic import write_vqa_tsv
+def materialize_llm(source: dict, out: str, *, worlds=()) -> None:
+    """A released LLM, or a tiny one pre-trained on the drawn worlds' text."""
+    from fgvlm.models.materialize import materialize_llm as materialize
 
-        write_vqa_tsv(
-            Path(out_path),
-            seed=source["seed"],
-            n_questions=source.get("n_questions", 60),
-            image_size=source.get("image_size", 32),
-            style=source["style"],
-        )
-    elif source["type"] == "vlmeval_tsv":
-        from fgvlm.data.download import download_file
-
-        download_file(source["url"], Path(out_path), md5=source["md5"])
-    else:
-        raise ValueError(f"VQA source type {source['type']!r} is not supported")
+    materialize(source, Path(out), world_dirs=[Path(w) for w in worlds])
 
 
-# --- training (issue 3) ------------------------------------------------------------------------
+def materialize_base_vlm(source: dict, out: str, *, text_model: str | None = None) -> None:
+    """A base VLM to finetune whole (Qwen2-VL base), or the demo's tiny one."""
+    from fgvlm.models.materialize import materialize_base_vlm as materialize
 
-
-def world_corpus(world_dirs: list[str | Path]) -> list[str]:
-    """Text of the synthetic worlds (captions of both qualities, instruction turns) for tiny LMs."""
-    lines: list[str] = []
-    for world in map(Path, world_dirs):
-        for row in _jsonl(world / "captions.jsonl"):
-            lines += [row["short"], row["long"]]
-        for row in _jsonl(world / "instructions.jsonl"):
-            lines += [turn["value"].replace("<image>", "").strip() for turn in row["conversations"]]
-    return [line for line in lines if line]
-
-
-def _jsonl(path: Path) -> list[dict]:
-    with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
-def materialize_llm(source: dict, out_dir: str | Path, *, world_dirs: list[str | Path]) -> dict:
-    """Fetch a released LLM, or create a tiny one pre-trained on the worlds' text."""
-    from fgvlm.models import llm
-
-    if source["type"] == "hub":
-        llm.fetch_llm(source["repo"], source.get("revision", "main"), Path(out_dir))
-        return {"repo": source["repo"]}
-    if source["type"] == "tiny":
-        return llm.materialize_tiny_llm(
-            Path(out_dir),
-            family=source["family"],
-            corpus=world_corpus(world_dirs),
-            seed=source["seed"],
-            hidden_size=source.get("hidden_size", 96),
-            layers=source.get("layers", 2),
-            text_pretrain_steps=source.get("text_pretrain_steps", 300),
-        )
-    raise ValueError(f"LLM source type {source['type']!r} is not supported")
-
-
-def training_samples(source: dict, *, raw_dir: str | Path, world_dirs: list[str | Path]):
-    """(record, image) pairs of one training-data source, in a fixed order."""
-    from fgvlm.data import conversations
-
-    kind = source["type"]
-    if kind == "synthetic_captions":
-        for world in world_dirs:
-            yield from conversations.read_synthetic_captions(Path(world), source["quality"])
-    elif kind == "synthetic_instructions":
-        for world in world_dirs:
-            yield from conversations.read_synthetic_instructions(Path(world))
-    else:
-        yield from conversations.read_training_source(source, Path(raw_dir))
+    materialize(source, Path(out), text_model_dir=text_model and Path(text_model))
 
 
 def shard_train_data(
-    source: dict,
-    out_dir: str | Path,
-    *,
-    raw_dir: str | Path,
-    world_dirs: list[str | Path],
-    samples_per_shard: int,
-    shuffle_seed: int = 0,
+    source: dict, out: str, *, raw_dir: str, worlds=(), samples_per_shard: int
 ) -> dict:
-    """Write one training-data source as conversation shards, in a seeded random order.
-
-    Sources list their samples grouped (by class, by dataset); the trainer reads whole shards
-    and shuffles only within a buffer, so the shards themselves must be mixed.
-    """
-    import random
-
+    """One training-data source as conversation shards, in a seeded random order: sources list
+    their samples grouped (by class, by dataset), and the trainer reads whole shards and
+    shuffles only within a buffer, so the shards themselves must be mixed."""
+    from fgvlm.data.conversations import read_source
     from fgvlm.data.shards import write_conversation_shards
 
-    samples = list(training_samples(source, raw_dir=raw_dir, world_dirs=world_dirs))
-    random.Random(shuffle_seed).shuffle(samples)
-    return write_conversation_shards(samples, Path(out_dir), samples_per_shard=samples_per_shard)
-
-
-def materialize_base_vlm(
-    source: dict, out_dir: str | Path, *, text_model_dir: str | Path | None = None
-) -> None:
-    """Fetch a base VLM (Qwen2-VL base), or build the demo's tiny transformers-native one."""
-    from fgvlm.models import hub
-
-    if source["type"] == "hub":
-        hub.fetch_hub_vlm(source["repo"], source.get("revision", "main"), Path(out_dir))
-    elif source["type"] == "tiny_qwen2_vl":
-        hub.materialize_tiny_hub_vlm(
-            "qwen2_vl",
-            Path(out_dir),
-            tokenizer_dir=Path(text_model_dir),
-            seed=source["seed"],
-            text_model_dir=Path(text_model_dir),
-        )
-    else:
-        raise ValueError(f"base VLM source type {source['type']!r} is not supported")
+    samples = list(read_source(source, raw_dir=Path(raw_dir), world_dirs=[Path(w) for w in worlds]))
+    random.Random(0).shuffle(samples)
+    return write_conversation_shards(samples, Path(out), samples_per_shard=samples_per_shard)
 
 
 def train_stage(
@@ -402,128 +220,41 @@ def train_stage(
     )
 
 
-# --- VLM evaluation (issue 4) ------------------------------------------------------------------
-
-
 def eval_vlm(
     spec: dict,
-    model_dir: str | Path,
-    data_path: str | Path,
-    predictions_path: str | Path,
-    metrics_path: str | Path,
-    details_path: str | Path,
     *,
-    parts_dir: str | Path,
-    questions_path: str | Path | None = None,
-    batch_size: int = 16,
-    part_size: int = 512,
-    device: str = "cpu",
+    model: str,
+    data: str,
+    questions: str | None = None,
+    predictions: str,
+    metrics: str,
+    details: str,
+    parts_dir: str,
+    batch_size: int,
+    part_size: int,
+    device: str,
 ) -> dict:
-    """Evaluate one VLM on one benchmark (``spec``: ``fgvlm.config.vlm_eval_spec``).
+    """One VLM on one benchmark (``fgvlm.config.vlm_eval_spec``), resumable in parts."""
+    from fgvlm.evaluate.run import evaluate_vlm
 
-    Answers are scored in parts under ``parts_dir`` so that a killed job resumes; predictions,
-    metrics (with the agreement of the scoring mode with greedy generation) and a details file
-    (per-class accuracy and confusions, or per-category accuracy) are written at the end.
-    """
-    import numpy as np
-
-    from fgvlm.evaluate.metrics import summarize
-    from fgvlm.evaluate.runners import load_runner, question_source
-    from fgvlm.evaluate.scoring import evaluate_mcq, files_fingerprint, question_items
-
-    model, benchmark = spec["model"], spec["benchmark"]
-    runner = load_runner(model, Path(model_dir), device=device)
-    stream, answers, counts = question_source(benchmark, Path(data_path), questions_path)
-    option_prompt = model.get("option_prompt", "cloze")
-    predictions, summary = evaluate_mcq(
-        runner,
-        lambda: question_items(stream(), style=model["style"], option_prompt=option_prompt),
-        answers,
-        Path(parts_dir),
-        mode=model["mode"],
+    frame, summary, per_class = evaluate_vlm(
+        spec,
+        model_dir=Path(model),
+        data=Path(data),
+        questions=questions and Path(questions),
+        parts_dir=Path(parts_dir),
         batch_size=batch_size,
         part_size=part_size,
-        max_new_tokens=model["max_new_tokens"],
-        # parts scored after another prompt are not reused
-        fingerprint=f"{files_fingerprint(model_dir, questions_path or data_path)}:{option_prompt}",
+        device=device,
     )
-    if benchmark["kind"] == "questions":
-        from fgvlm.evaluate.analysis import per_class_report
-
-        questions = pl.read_parquet(questions_path)
-        labels = predictions.join(questions.select("qid", "label"), on="qid", how="left")["label"]
-        details = per_class_report(predictions, questions)
-        correct, labels, unparsable = (
-            predictions["correct"].to_numpy(),
-            labels.to_numpy(),
-            predictions["pred"].is_null().to_numpy(),
-        )
-    else:
-        predictions = predictions.with_columns(
-            pl.col("qid").replace_strict(counts["groups"], default=pl.col("qid")).alias("group")
-        )
-        correct, unparsable, details = _vqa_correctness(predictions, counts)
-        labels = None
-    metrics = summarize(correct, labels, unparsable, primary=benchmark["metric"])
-    metrics.update(summary)
-    metrics["generate_accuracy"] = float(np.mean(predictions["generate_correct"].to_numpy()))
-    metrics["questions"] = {k: v for k, v in counts.items() if not isinstance(v, dict)}
-    metrics["model"], metrics["style"] = model["name"], model["style"]
-    io.write_parquet(predictions, predictions_path)
-    io.write_json(details, details_path)
-    io.write_json(metrics, metrics_path)
-    log.info("%s: %s", metrics_path, {k: metrics[k] for k in ("accuracy", "n", "mode")})
-    return metrics
+    io.write_parquet(frame, predictions)
+    io.write_json(per_class, details)
+    io.write_json(summary, metrics)
+    log.info("%s: %s", metrics, {k: summary[k] for k in ("accuracy", "n", "mode")})
+    return summary
 
 
-def _vqa_correctness(predictions: pl.DataFrame, counts: dict):
-    """Per-question (or, for MMBench's CircularEval copies, per-group: all copies right)
-    correctness, unparsable flags, and per-category accuracy. ``predictions`` has a ``group``
-    column (the question itself when it has no copies)."""
-    import numpy as np
-
-    frame = predictions.with_columns(
-        pl.col("qid").replace_strict(counts.get("categories") or {}, default="").alias("category"),
-    )
-    grouped = frame.group_by("group", maintain_order=True).agg(
-        pl.col("correct").all(),
-        pl.col("pred").is_null().any().alias("unparsable"),
-        pl.col("category").first(),
-    )
-    per_category = (
-        grouped.group_by("category")
-        .agg(pl.col("correct").mean().alias("accuracy"), pl.len().alias("n"))
-        .sort("category")
-    )
-    details = {"per_category": per_category.to_dicts(), "groups": grouped.height}
-    return grouped["correct"].to_numpy(), grouped["unparsable"].to_numpy().astype(np.bool_), details
-
-
-def materialize_hub_vlm(
-    vlm: dict, out_dir: str | Path, *, text_model_dir: str | Path | None
-) -> None:
-    """Fetch a released VLM (safetensors only), or build the demo's tiny stand-in."""
-    from fgvlm.models import hub
-
-    if "tiny" in vlm:
-        hub.materialize_tiny_hub_vlm(
-            vlm["tiny"]["kind"],
-            Path(out_dir),
-            tokenizer_dir=Path(text_model_dir),
-            seed=vlm["tiny"]["seed"],
-            text_model_dir=Path(text_model_dir),
-        )
-    else:
-        hub.fetch_hub_vlm(
-            vlm["repo"],
-            vlm.get("revision", "main"),
-            Path(out_dir),
-            trust_remote_code=vlm.get("trust_remote_code", False),
-            tokenizer=vlm.get("tokenizer"),
-        )
-
-
-# --- aggregation, tables and figures (issue 5) -------------------------------------------------
+# --- aggregation, tables and figures --------------------------------------------------------
 
 
 def aggregate_ablations(

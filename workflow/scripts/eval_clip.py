@@ -4,13 +4,10 @@ from fgvlm.config import device_of
 sm = snakemake  # noqa: F821
 logs.setup(sm.log, threads=sm.threads)
 stages.eval_clip(
-    sm.input.shards,
-    sm.input.classes,
-    sm.input.clip,
-    sm.params.spec["templates"],
-    sm.output.predictions,
-    sm.output.metrics,
+    sm.params.spec,
+    **dict(sm.input.items()),
+    **dict(sm.output.items()),
     metric=sm.params.metric,
-    batch_size=sm.params.batch_size,
+    batch_size=sm.config["clip_eval"]["batch_size"],  # operational: the scores do not change
     device=device_of({"device": sm.params.device}),
 )

@@ -3,17 +3,13 @@ from fgvlm.config import device_of
 
 sm = snakemake  # noqa: F821
 logs.setup(sm.log, threads=sm.threads)
-evaluation = sm.config.get("evaluation") or {}  # batch and part sizes do not change answers
+evaluation = sm.config["evaluation"]  # batch and part sizes do not change answers
 stages.eval_vlm(
     sm.params.spec,
-    sm.input.model,
-    sm.input.data,
-    sm.output.predictions,
-    sm.output.metrics,
-    sm.output.details,
+    **dict(sm.input.items()),
+    **dict(sm.output.items()),
     parts_dir=sm.params.parts_dir,
-    questions_path=sm.input.get("questions"),
-    batch_size=evaluation.get("batch_size", 16),
-    part_size=evaluation.get("part_size", 512),
+    batch_size=evaluation["batch_size"],
+    part_size=evaluation["part_size"],
     device=device_of({"device": sm.params.device}),
 )

@@ -2,4 +2,4 @@ from fgvlm import logs, stages
 
 sm = snakemake  # noqa: F821
 logs.setup(sm.log, threads=sm.threads)
-stages.materialize_llm(sm.params.source, sm.output[0], world_dirs=list(sm.input))
+stages.materialize_llm(sm.params.source, sm.output[0], **dict(sm.input.items()))

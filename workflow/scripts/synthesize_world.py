@@ -1,4 +1,5 @@
 from fgvlm import logs, stages
 
-logs.setup(snakemake.log, threads=snakemake.threads)  # noqa: F821
-stages.synthesize_world(snakemake.params.world, snakemake.output[0])  # noqa: F821
+sm = snakemake  # noqa: F821
+logs.setup(sm.log, threads=sm.threads)
+stages.synthesize_world(sm.params.world, sm.output[0])

@@ -1,4 +1,5 @@
 from fgvlm import logs, stages
 
-logs.setup(snakemake.log, threads=snakemake.threads)  # noqa: F821
-stages.vqa_benchmark(snakemake.params.source, snakemake.output[0])  # noqa: F821
+sm = snakemake  # noqa: F821
+logs.setup(sm.log, threads=sm.threads)
+stages.vqa_benchmark(sm.params.source, sm.output[0])

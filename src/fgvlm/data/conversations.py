@@ -569,3 +569,18 @@ def read_training_source(source: dict[str, Any], raw_dir: Path) -> Iterator[Samp
         raise ValueError(f"llava_instruct source {source.get('repo')!r} has no 'image_roots'")
     roots = {prefix: raw_dir / root for prefix, root in source["image_roots"].items()}
     return read_llava_instruct(files["annotations"], roots)
+
+
+def read_source(
+    source: dict[str, Any], *, raw_dir: Path, world_dirs: Sequence[Path] = ()
+) -> Iterator[Sample]:
+    """(record, image) pairs of one ``train_data.<key>.source``, in a fixed order: synthetic
+    sources from their drawn ``world_dirs``, hub-hosted ones downloaded into ``raw_dir``."""
+    if source["type"] == "synthetic_captions":
+        for world in world_dirs:
+            yield from read_synthetic_captions(Path(world), source["quality"])
+    elif source["type"] == "synthetic_instructions":
+        for world in world_dirs:
+            yield from read_synthetic_instructions(Path(world))
+    else:
+        yield from read_training_source(source, Path(raw_dir))

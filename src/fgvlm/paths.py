@@ -1,0 +1,166 @@
+"""The DAG's file layout: where every stage reads and writes, for the rules and the CLI alike.
+
+Patterns use the rules' wildcard names, so ``rules/*.smk`` declare them as outputs as they are
+and the ``fgvlm`` command fills them (``pattern.format(**wildcards)``). The ``*_inputs``
+functions give the input files of one job from the study config; rules call them as input
+functions and the CLI calls them for its defaults, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+from fgvlm import config as study
+
+# Data
+WORLD = "data/synthetic/{world}"
+MANIFEST = "data/{benchmark}/manifest.parquet"
+CLASSES = "data/{benchmark}/classes.json"
+CANDIDATES = "data/{benchmark}/candidates.json"  # per-image candidate negatives (ImageNet) or null
+RAW = "data/raw/{benchmark}"
+VQA_TSV = "data/vqa/{vqa}.tsv"
+TRAIN_RAW = "data/raw/train/{data}"
+
+# Models
+CLIP = "models/clip/{clip}"
+LLM = "models/llm/{llm}"
+BASE_VLM = "models/base/{base}"
+HUB_VLM = "models/hub/{hub}"
+
+# Questions and shards
+QUESTIONS = "results/questions/{benchmark}.parquet"
+QUESTION_SHARDS = "shards/questions/{benchmark}"
+TRAIN_SHARDS = "shards/train/{data}"
+
+# Training
+PRETRAIN = "runs/{pretrain_key}/pretrain"
+FINETUNE = "runs/{run}/finetune"
+STATE_SUFFIX = ".state"  # resumable state beside a declared output (Snakemake deletes outputs)
+
+# Evaluation ({model}: a trained row, hub-<name> or clip-<name>)
+PREDICTIONS = "results/predictions/{model}/{vlm_benchmark}.parquet"
+METRICS = "results/metrics/{model}/{vlm_benchmark}.json"
+DETAILS = "results/metrics/{model}/{vlm_benchmark}.details.json"
+PARTS = "results/parts/{model}/{vlm_benchmark}"
+
+# Report
+TABLES = "results/tables"
+FIGURES = "results/figures"
+
+
+def world_dirs(worlds: list[str]) -> list[str]:
+    return [WORLD.format(world=world) for world in worlds]
+
+
+def state_dir(output_dir: str) -> str:
+    return output_dir + STATE_SUFFIX
+
+
+def manifest_outputs(benchmark: str) -> dict[str, str]:
+    return {
+        "manifest": MANIFEST.format(benchmark=benchmark),
+        "classes": CLASSES.format(benchmark=benchmark),
+        "candidates": CANDIDATES.format(benchmark=benchmark),
+    }
+
+
+def manifest_inputs(config: dict, benchmark: str) -> dict[str, str]:
+    """A synthetic benchmark's manifest is read from its world; other sources are fetched."""
+    source = config["benchmarks"][benchmark]["source"]
+    if source["type"] == "synthetic":
+        return {"world": WORLD.format(world=source["world"])}
+    return {}
+
+
+def clip_inputs(config: dict, clip: str) -> dict[str, object]:
+    """A tiny CLIP depends on its model-config file and the worlds it is pre-trained on."""
+    source = config["clip_models"][clip]["source"]
+    if source["type"] != "random_init":
+        return {}
+    worlds = source["pretrain"]["worlds"] if "pretrain" in source else []
+    return {"model_config": source["model_config"], "worlds": world_dirs(worlds)}
+
+
+def llm_inputs(config: dict, llm: str) -> dict[str, object]:
+    """A tiny LLM is pre-trained on the text of every synthetic world."""
+    source = config["llms"][llm]["source"]
+    worlds = list(config["synthetic_worlds"]) if source["type"] == "tiny" else []
+    return {"worlds": world_dirs(worlds)}
+
+
+def base_vlm_inputs(config: dict, base: str) -> dict[str, str]:
+    source = config["base_vlms"][base]["source"]
+    if source["type"] == "tiny_qwen2_vl":
+        return {"text_model": LLM.format(llm=source["text_model"])}
+    return {}
+
+
+def hub_vlm_inputs(config: dict, hub: str) -> dict[str, str]:
+    """A tiny hub stand-in is built from a tiny LLM (tokenizer and language-model weights)."""
+    vlm = config["hub_vlms"][hub]
+    return {"text_model": LLM.format(llm=vlm["tiny"]["text_model"])} if "tiny" in vlm else {}
+
+
+def train_data_inputs(config: dict, data: str) -> dict[str, object]:
+    source = config["train_data"][data]["source"]
+    return {"worlds": world_dirs(source.get("worlds", []))}
+
+
+def question_inputs(config: dict, benchmark: str) -> dict[str, str]:
+    """What mining one benchmark reads: its manifest files and the miner's CLIP."""
+    return {**manifest_outputs(benchmark), "clip": CLIP.format(clip=config["miner"]["clip"])}
+
+
+def clip_eval_inputs(benchmark: str, clip: str) -> dict[str, str]:
+    return {
+        "shards": QUESTION_SHARDS.format(benchmark=benchmark),
+        "classes": CLASSES.format(benchmark=benchmark),
+        "clip": CLIP.format(clip=clip),
+    }
+
+
+def eval_outputs(model: str, benchmark: str) -> dict[str, str]:
+    wildcards = {"model": model, "vlm_benchmark": benchmark}
+    return {
+        "predictions": PREDICTIONS.format(**wildcards),
+        "metrics": METRICS.format(**wildcards),
+        "details": DETAILS.format(**wildcards),
+    }
+
+
+def pretrain_inputs(config: dict, pretrain_key: str) -> dict[str, str]:
+    spec = study.pretrain_jobs(config)[pretrain_key]
+    return {
+        "clip": CLIP.format(clip=study.encoder_clip(config, spec["encoder"])),
+        "llm": LLM.format(llm=spec["llm"]),
+        "data": TRAIN_SHARDS.format(data=spec["data"]),
+    }
+
+
+def finetune_inputs(config: dict, run: str) -> dict[str, str]:
+    """A row finetunes its pretraining (or CLIP + LLM when it has none), or a whole base VLM."""
+    row = study.trained_row(config, run)
+    inputs = {"data": TRAIN_SHARDS.format(data=row["ft_data"])}
+    if row["arch"] == "qwen2_vl":
+        return {**inputs, "base": BASE_VLM.format(base=row["base"])}
+    inputs["clip"] = CLIP.format(clip=study.encoder_clip(config, row["vision_encoder"]))
+    inputs["llm"] = LLM.format(llm=row["llm"])
+    key = study.pretrain_key_of(config, row)
+    if key is not None:
+        inputs["init"] = PRETRAIN.format(pretrain_key=key)
+    return inputs
+
+
+def vlm_dir(model: str) -> str:
+    """Where an evaluated VLM's weights are: a hub VLM's folder or a trained row's finetuning."""
+    if model.startswith("hub-"):
+        return HUB_VLM.format(hub=model.removeprefix("hub-"))
+    return FINETUNE.format(run=model)
+
+
+def eval_vlm_inputs(config: dict, model: str, benchmark: str) -> dict[str, str]:
+    inputs = {"model": vlm_dir(model)}
+    if benchmark in config["benchmarks"]:
+        inputs["data"] = QUESTION_SHARDS.format(benchmark=benchmark)
+        inputs["questions"] = QUESTIONS.format(benchmark=benchmark)
+    else:
+        inputs["data"] = VQA_TSV.format(vqa=benchmark)
+    return inputs
