@@ -5,7 +5,9 @@ rule eval_clip:
     input:
         **paths.clip_eval_inputs("{benchmark}", "{clip}"),
     output:
-        predictions=paths.PREDICTIONS.format(model="clip-{clip}", vlm_benchmark="{benchmark}"),
+        predictions=paths.PREDICTIONS.format(
+            model="clip-{clip}", vlm_benchmark="{benchmark}"
+        ),
         metrics=paths.METRICS.format(model="clip-{clip}", vlm_benchmark="{benchmark}"),
     log:
         "logs/eval_clip/{clip}/{benchmark}.log",
@@ -50,8 +52,12 @@ rule eval_vlm:
     resources:
         **rule_resources("eval_vlm"),
     params:
-        spec=lambda wc: fc.canonical(fc.vlm_eval_spec(config, wc.model, wc.vlm_benchmark)),
-        parts_dir=lambda wc: paths.PARTS.format(model=wc.model, vlm_benchmark=wc.vlm_benchmark),
+        spec=lambda wc: fc.canonical(
+            fc.vlm_eval_spec(config, wc.model, wc.vlm_benchmark)
+        ),
+        parts_dir=lambda wc: paths.PARTS.format(
+            model=wc.model, vlm_benchmark=wc.vlm_benchmark
+        ),
         device=DEVICE,
     script:
         "../workflow/scripts/eval_vlm.py"

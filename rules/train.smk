@@ -74,7 +74,9 @@ rule pretrain:
         **rule_resources("pretrain"),
     params:
         spec=lambda wc: fc.canonical(PRETRAIN_JOBS[wc.pretrain_key]),
-        state_dir=lambda wc: paths.state_dir(paths.PRETRAIN.format(pretrain_key=wc.pretrain_key)),
+        state_dir=lambda wc: paths.state_dir(
+            paths.PRETRAIN.format(pretrain_key=wc.pretrain_key)
+        ),
         device=DEVICE,
     script:
         "../workflow/scripts/train.py"
