@@ -821,3 +821,42 @@ def test_two_row_study_without_pairs_still_renders(tmp_path):
     assert "no one-factor pair in this study" in (tmp_path / "figure4.svg").read_text()
     table1 = pl.read_csv(out["table1"])
     assert table1["run"].to_list() == ["a"]  # the weakest row, no one-factor step from it
+
+
+def test_make_figures_from_the_workflow_outputs(tmp_path, workflow_outputs):
+    models = tmp_path / "models.csv"
+    pl.DataFrame(
+        {
+            "model": ["hub-cogvlm_chat", "clip_l"],
+            "label": ["CogVLM-Chat", "CLIP ViT-L/14"],
+            "kind": ["vlm", "clip"],
+            "clip": ["clip_l", None],
+            "fine_grained": [77.3, 86.7],
+            "general": [50.0, None],
+            "n_way": [None, 80.0],
+        }
+    ).write_csv(models)
+    details = tmp_path / "details.json"
+    details.write_text(json.dumps({"per_class": [], "confusions": []}))
+    inputs = {
+        name: str(workflow_outputs / f"{name}.csv")
+        for name in ("ablations", "effects", "effects_summary", "table1")
+    }
+    inputs.update(models=str(models), details=str(details), leaderboard=fa.leaderboard_file())
+    report = load_config(ROOT / "config" / "config.yaml")["report"]
+    written = ff.make_figures(
+        inputs,
+        tmp_path / "figures",
+        report=report,
+        repos={"hub-cogvlm_chat": "THUDM/cogvlm-chat-hf"},
+        row_encoders={"clip_vicuna_nopt": "clip_l"},
+        confusion_title="confusions",
+    )
+    assert len(written) == 16
+    figure2 = (tmp_path / "figures" / "figure2.svg").read_text()
+    assert "Not shown, no OpenVLM Leaderboard average, 8 benchmarks: CogVLM-Chat" in figure2
+    figure5 = (tmp_path / "figures" / "figure5.svg").read_text()
+    assert "with pretraining: CLIP ViT-L/14@336 → DFN ViT-H/14@378: +4.5pp" in figure5
+    assert "paired-bootstrap 95% interval" in figure5
+    figure8 = (tmp_path / "figures" / "figure8.svg").read_text()
+    assert "Qwen2-VL-7B (87.9)" in figure8 and "73.4 (+5.4)" in figure8

@@ -71,7 +71,7 @@ def figure2_fine_vs_general(
         pl.col("fine_grained").is_not_null() & pl.col("general").is_not_null()
     ).select("label", "fine_grained", "general")
     missing = vlms.filter(pl.col("general").is_null())["label"].to_list()
-    note = [f"Not shown, no {general_title.split(' (')[0]} number: {', '.join(missing)}"]
+    note = [f"Not shown, no {general_title.split(' (')[0]}: {', '.join(missing)}"]
     subtitle = note if missing else []
     if data.height == 0:
         return placeholder(
