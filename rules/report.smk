@@ -1,9 +1,22 @@
 # Aggregation (paper Tables 1-4, §4.4), Section 3's model table, figures, and the HTML report.
+# Each job reads only its declared inputs: the file maps go to the stage as params.
+import fgvlm.report.aggregate as fra
+
+STUDY = fc.report_spec(config)
+STUDY_FILES = fra.study_files(STUDY, "results")
+MODELS_STUDY = fc.models_spec(config)
+MODEL_FILES = fra.model_files(MODELS_STUDY, "results")
+FIGURE2 = STUDY["report"].get("figure2") or {}
+LEADERBOARD = (
+    {"leaderboard": fra.leaderboard_file(FIGURE2.get("leaderboard"))}
+    if FIGURE2.get("general") == "leaderboard"
+    else {}
+)
 
 
 rule aggregate_ablations:
     input:
-        metrics=ablation_metrics,
+        fra.flat_files(STUDY_FILES),
     output:
         ablations=report(
             "results/tables/ablations.csv",
@@ -20,10 +33,10 @@ rule aggregate_ablations:
             caption="../workflow/report/effects.rst",
             category="Tables",
         ),
+        table1="results/tables/table1.csv",
         tables=expand(
             "results/tables/table{n}.{ext}", n=[1, 2, 3, 4], ext=["md", "tex"]
         ),
-        progression="results/tables/progression.csv",
     log:
         "logs/aggregate/ablations.log",
     conda:
@@ -32,14 +45,15 @@ rule aggregate_ablations:
     resources:
         **rule_resources("aggregate"),
     params:
-        study=fc.report_spec(config),
+        study=STUDY,
+        files=STUDY_FILES,
     script:
         "../workflow/scripts/aggregate_ablations.py"
 
 
 rule aggregate_models:
     input:
-        metrics=model_metrics,
+        fra.flat_files(MODEL_FILES),
     output:
         report(
             "results/tables/models.csv",
@@ -54,7 +68,8 @@ rule aggregate_models:
     resources:
         **rule_resources("aggregate"),
     params:
-        study=fc.models_spec(config),
+        study=MODELS_STUDY,
+        files=MODEL_FILES,
     script:
         "../workflow/scripts/aggregate_models.py"
 
@@ -62,9 +77,12 @@ rule aggregate_models:
 rule figures:
     input:
         ablations="results/tables/ablations.csv",
-        progression="results/tables/progression.csv",
+        effects="results/tables/effects.csv",
+        effects_summary="results/tables/effects_summary.csv",
+        table1="results/tables/table1.csv",
         models="results/tables/models.csv",
         details=confusion_details(),
+        **LEADERBOARD,
     output:
         # one report entry per figure, each with its own caption
         **{
@@ -85,6 +103,8 @@ rule figures:
         **rule_resources("aggregate"),
     params:
         confusion_title=lambda wc, input: f"Per-class accuracy and confusions: {input.details}",
+        report=STUDY["report"],
+        repos=MODELS_STUDY["repos"],
         row_encoders=fc.row_encoders(config),
     script:
         "../workflow/scripts/figures.py"

@@ -14,6 +14,7 @@ import polars as pl
 import pytest
 from scipy.stats import binomtest
 
+from fgvlm import config as fc
 from fgvlm.config import load_config
 from fgvlm.report import aggregate as fa
 from fgvlm.report import effects as fe
@@ -58,6 +59,7 @@ SLIP_RUN = "clip_vicuna_llavapt_seed1"  # Table 3 gives (58.6 + 32.9 + 32.3) / 3
 # repeat its factors and take part in no figure. Keeping them in would pair each of them too.
 PAPER_EXCLUDE = ("llava15_7b", "clip_vicuna_llavapt_seed1")
 PAPER_TOLERANCE = 0.05 + 1e-6  # the paper prints one decimal
+PAPER_REPORT = load_config(ROOT / "config" / "config.yaml")["report"]
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +84,8 @@ def test_transcription_matches_the_paper_config():
     assert metrics.height == 24 * 7
     assert metrics.group_by("model").len()["len"].to_list() == [7] * 24
     # The transcribed factors are exactly what the paper config prints for its 24 rows.
-    expected = fa.runs_from_config(load_config(ROOT / "config" / "config.yaml"))
-    assert runs.equals(expected)
+    expected = fc.study_runs(load_config(ROOT / "config" / "config.yaml"))
+    assert runs.to_dicts() == expected
     assert runs["run"].to_list() == [name for name, _, _ in TABLE2]
 
 
@@ -172,11 +174,12 @@ def test_paper_headline_effects(paper_table, paper_pairs):
     assert fe.mean_effect(all_pairs, factor="llm", to="Qwen2-7B", **{"from": "Vicuna-7B"}) < 7.0
 
 
-def test_replicates_of_the_paper_config(paper_table):
+def test_replicates_of_the_paper_config():
     config = load_config(ROOT / "config" / "config.yaml")
-    assert fa.effects_exclusions(config) == list(PAPER_EXCLUDE)
-    # Without a preference, the first row of each group of identical factors is kept.
-    assert fe.replicate_runs(paper_table) == ["clip_vicuna_llavapt_seed1", "clip_vicuna_llavapt"]
+    assert fc.effects_exclusions(config) == list(PAPER_EXCLUDE)
+    # The trained row with the default seed is kept: with default seed 1, the seed-1 run.
+    config["seed"] = 1
+    assert fc.effects_exclusions(config) == ["llava15_7b", "clip_vicuna_llavapt"]
 
 
 def test_effects_columns_and_direction(paper_table, paper_pairs):
@@ -224,9 +227,12 @@ def test_progression_reproduces_table1(paper_table):
         "62.4 (+1.3)",
     ]
     assert view["Model/Ablation"][2] == "LLM: Vicuna-7B → Qwen2-7B"
-    # By default the chain starts at the weakest row (Llama2, 52.5) and ends at 73.4.
-    default = ft.progression_chain(paper_table)
-    assert default[0] == "clip_llama2_nopt" and default[-1] == "dfn_qwen2_llavapt_full"
+    # Without report.table1 the chain starts at the weakest row (Llama2, 52.5), ends at 73.4.
+    default = ft.table1(paper_table, [])
+    assert (
+        default["run"][0] == "clip_llama2_nopt" and default["run"][-1] == "dfn_qwen2_llavapt_full"
+    )
+    assert default["chain"].all()
 
 
 # --- paired statistics -------------------------------------------------------------------------
@@ -466,15 +472,28 @@ def test_collect_metrics_and_paired(tmp_path):
     pl.DataFrame({"qid": ["s3", "s2", "s1", "s0"], "label": [1, 1, 0, 0]}).write_parquet(
         results / "questions" / "shapes.parquet"
     )
-    metrics = fa.collect_metrics(results, {"a": "run-a"}, ["shapes", "mmbench"])
+    spec = {
+        "models": {"a": "run-a"},
+        "table1_models": {},
+        "fine_grained": ["shapes"],
+        "general": ["mmbench"],
+        "per_class": ["shapes"],
+    }
+    files = fa.study_files(spec, results)
+    assert files["questions"] == {"shapes": str(results / "questions" / "shapes.parquet")}
+    assert len(fa.flat_files(files)) == 5
+    metrics = fa.collect_metrics(files["metrics"])
     assert metrics.rows() == [("a", "shapes", 40.0), ("a", "mmbench", 25.0)]
-    paired = fa.collect_paired(results, {"a": "run-a"}, ["shapes", "mmbench"])
+    paired = fa.collect_paired(files["predictions"], files["metrics"], files["questions"])
     assert paired[("a", "shapes")]["label"].to_list() == [0, 0, 1, 1]
     assert "label" not in paired[("a", "mmbench")].columns
+    # a per-class benchmark whose questions are not a declared input is an error, not a read
+    with pytest.raises(ValueError, match="questions are not an input"):
+        fa.collect_paired(files["predictions"], files["metrics"], {})
     with pytest.raises(FileNotFoundError, match=r"metrics/run-a/pets\.json"):
-        fa.collect_metrics(results, {"a": "run-a"}, ["pets"])
+        fa.collect_metrics({"a": {"pets": str(results / "metrics" / "run-a" / "pets.json")}})
     with pytest.raises(ValueError, match="nway_mean_per_class"):
-        fa.collect_metrics(results, {"a": "run-a"}, ["shapes"], nway=True)
+        fa.collect_metrics({"a": {"shapes": files["metrics"]["a"]["shapes"]}}, nway=True)
 
 
 def test_models_table():
@@ -583,11 +602,7 @@ def test_figures_build_and_save(tmp_path, paper_table, paper_pairs):
         "figure2": ff.figure2_fine_vs_general(models),
         "figure3": ff.figure3_vlm_vs_encoder(models),
         "figure8": ff.figure8_progression(
-            ft.summary_table(
-                paper_table,
-                chain := ft.progression_chain(paper_table, start="clip_vicuna_nopt"),
-                after=ft.chain_after(chain),
-            ),
+            ft.table1(paper_table, PAPER_REPORT["table1"]).filter(pl.col("chain")),
             reference={"Qwen2-VL-7B": 87.9},
         ),
         "confusions": ff.confusion_figure(
@@ -631,6 +646,217 @@ def test_figures_build_and_save(tmp_path, paper_table, paper_pairs):
     assert "cdn.jsdelivr" not in (tmp_path / "figure4.html").read_text()
 
 
-def test_factor_figure_without_pairs(paper_pairs):
-    with pytest.raises(ValueError, match="no pair differs only in 'arch'"):
-        ff.factor_figure(paper_pairs, "arch")
+def test_factor_figure_without_pairs(tmp_path, paper_pairs):
+    chart = ff.factor_figure(paper_pairs, "arch")
+    ff.save_chart(chart, tmp_path / "arch", formats=("svg",))
+    assert "no one-factor pair in this study" in (tmp_path / "arch.svg").read_text()
+
+
+# --- the workflow's own definitions on the paper's numbers -----------------------------------
+
+N_QUESTIONS = 1000  # per benchmark: every one-decimal percentage is a whole count of answers
+# The paper prints no per-benchmark numbers for Molmo-7B-D: its Table 1 averages stand in for
+# every benchmark, so its row shows exactly what the paper prints.
+MOLMO = {"fine_grained": 68.4, "general": 58.0}
+
+
+def _paper_results(tmp_path: Path, spec: dict) -> dict:
+    """The DAG's result files for the paper config, from the paper's Tables 3-4: each
+    benchmark's predictions are N_QUESTIONS answers with exactly the printed accuracy."""
+    files = fa.study_files(spec, tmp_path / "results")
+    accuracy = {
+        (r["model"], r["benchmark"]): r["accuracy"]
+        for r in fa.read_metrics_csv(PAPER_METRICS).iter_rows(named=True)
+    }
+    for name, benches in files["metrics"].items():
+        for bench, path in benches.items():
+            right = round(accuracy[(name, bench)] * N_QUESTIONS / 100)
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(json.dumps({"accuracy": right / N_QUESTIONS}))
+            pred = Path(files["predictions"][name][bench])
+            pred.parent.mkdir(parents=True, exist_ok=True)
+            pl.DataFrame(
+                {
+                    "qid": [f"q{i}" for i in range(N_QUESTIONS)],
+                    "correct": np.arange(N_QUESTIONS) < right,
+                }
+            ).write_parquet(pred)
+    for benches in files["released"].values():
+        for bench, path in benches.items():
+            value = MOLMO["fine_grained" if bench in ft.FINE_GRAINED else "general"]
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(json.dumps({"accuracy": value / 100}))
+    return files
+
+
+@pytest.fixture(scope="module")
+def workflow_outputs(tmp_path_factory):
+    """What `aggregate_ablations` writes for the paper config, run as the rule runs it."""
+    from fgvlm import stages
+
+    tmp_path = tmp_path_factory.mktemp("paper_study")
+    spec = fc.report_spec(load_config(ROOT / "config" / "config.yaml"))
+    files = _paper_results(tmp_path, spec)
+    out = tmp_path / "tables"
+    stages.aggregate_ablations(spec, files, out)
+    return out
+
+
+def test_workflow_table1_is_the_papers(workflow_outputs):
+    """Table 1 as printed, from the config's definitions. Documented exceptions (the paper's
+    own inconsistencies): its PixMo row is labelled CLIP L/14 but carries the DFN row's numbers
+    (66.6 / 49.4), so the config points it at the DFN row and the encoder cell says DFN."""
+    table = pl.read_csv(workflow_outputs / "table1.csv")
+    view = ft.summary_view(table)
+    assert view["Model/Ablation"].to_list() == [
+        "LLaVA-1.5-7B",
+        "No pretraining",
+        "LLaVA reproduction",
+        "Qwen2 LLM",
+        "DFN-CLIP encoder",
+        "Unfreeze LLM",
+        "Pretrain on PixMo",
+        "Molmo-7B-D",
+        "FT Qwen2-VL base on LLaVA",
+        "Qwen2-VL-7B",
+    ]
+    assert view["Fine-grained Classification"].to_list() == [
+        "59.3", "52.8", "57.9 (+5.1)", "63.0 (+5.1)", "68.0 (+5.0)", "73.4 (+5.4)",
+        "66.6", "68.4", "85.5", "87.9 (+2.4)",
+    ]  # fmt: skip
+    assert view["General VQA"].to_list() == [
+        "41.8", "39.3", "41.2 (+1.9)", "48.3 (+7.1)", "49.5 (+1.2)", "49.9 (+0.4)",
+        "49.4", "58.0", "61.1", "62.4 (+1.3)",
+    ]  # fmt: skip
+    assert table.filter(pl.col("chain"))["run"].to_list() == [
+        "clip_vicuna_nopt",
+        "clip_vicuna_llavapt",
+        "clip_qwen2_llavapt",
+        "dfn_qwen2_llavapt",
+        "dfn_qwen2_llavapt_full",
+    ]
+    assert view.row(7, named=True)["Arch."] == "Molmo"
+    assert table["released"].to_list() == [True] + [False] * 6 + [True, False, True]
+    markdown = (workflow_outputs / "table1.md").read_text()
+    assert "| **Molmo-7B-D** |" in markdown and "| **Qwen2-VL-7B** |" in markdown
+
+
+def test_workflow_effect_summaries_are_the_papers(workflow_outputs):
+    """Figures 4-7's numbers from effects_summary.csv, to the paper's rounding. Documented
+    exception: Figure 4's caption says +7.7pp general for Vicuna -> Qwen2, its text +7.4
+    (the pairs give 7.4)."""
+    summary = pl.read_csv(workflow_outputs / "effects_summary.csv", infer_schema_length=None)
+
+    def printed(factor, selection, source, target):
+        hit = summary.filter(
+            (pl.col("factor") == factor)
+            & (pl.col("selection").fill_null("") == selection)
+            & (pl.col("from") == source)
+            & (pl.col("to") == target)
+        )
+        assert hit.height == 1, (factor, selection, source, target)
+        row = hit.row(0, named=True)
+        return (
+            ft.format_number(row["classification_delta"], signed=True),
+            ft.format_number(row["vlm_delta"], signed=True),
+            row["n_pairs"],
+        )
+
+    assert printed("llm", "", "Vicuna-7B", "Qwen2-7B") == ("+7.5", "+7.4", 6)
+    assert printed("llm", "", "Vicuna-7B", "Qwen2-7B-Instruct") == ("+7.5", "+8.1", 4)
+    assert printed("vision_encoder", "with pretraining", "CLIP ViT-L/14@336", "DFN ViT-H/14@378") == ("+4.5", "+1.2", 5)  # fmt: skip
+    assert printed("vision_encoder", "without pretraining", "CLIP ViT-L/14@336", "DFN ViT-H/14@378") == ("+2.8", "-2.5", 4)  # fmt: skip
+    assert printed("pt_data", "", "None", "LLaVA") == ("+4.0", "+2.1", 4)
+    assert printed("pt_data", "", "None", "PixMo") == ("+2.4", "+2.5", 4)
+    assert printed("pt_data", "connector only", "LLaVA", "PixMo") == ("-1.6", "+0.4", 4)
+    fine, general, n = printed("updating", "", "Connector", "Full")
+    assert fine == "+5.5" and n == 2 and not general.startswith("-")
+    # effects.csv keeps every pair with its paired bootstrap interval and McNemar p-value
+    pairs = pl.read_csv(workflow_outputs / "effects.csv", infer_schema_length=None)
+    assert pairs.height == 47  # every one-factor pair, not only the summarized ones
+    assert pairs["classification_ci_low"].null_count() == 0
+    assert pairs["classification_p"].null_count() == 0
+    assert (pairs["classification_ci_low"] <= pairs["classification_delta"]).all()
+
+
+def test_fgvlm_aggregate_takes_the_report_definitions(tmp_path):
+    from fgvlm.cli import main
+
+    metrics = tmp_path / "m.csv"
+    extra = "".join(
+        f"molmo_7b_d,{b},{MOLMO['fine_grained' if b in ft.FINE_GRAINED else 'general']}\n"
+        for b in (*ft.FINE_GRAINED, *ft.GENERAL)
+    )
+    metrics.write_text(PAPER_METRICS.read_text() + extra)
+    argv = ["aggregate", "--metrics", str(metrics), "--runs", str(PAPER_RUNS)]
+    argv += ["--out", str(tmp_path / "out"), "--report", str(ROOT / "config" / "config.yaml")]
+    argv += ["--exclude", "llava15_7b", "--exclude", "clip_vicuna_llavapt_seed1"]
+    assert main(argv) == 0
+    view = ft.summary_view(pl.read_csv(tmp_path / "out" / "table1.csv"))
+    assert view["Fine-grained Classification"][2] == "57.9 (+5.1)"
+    assert view["General VQA"][7] == "58.0"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("report: {effects: {colour: []}}\n")
+    argv[argv.index("--report") + 1] = str(bad)
+    assert main(argv) == 2
+
+
+def test_two_row_study_without_pairs_still_renders(tmp_path):
+    metrics = _write(
+        tmp_path / "m.csv",
+        "model,benchmark,accuracy,group\na,shapes,40,fine_grained\na,mmbench,30,general\n"
+        "b,shapes,60,fine_grained\nb,mmbench,45,general\n",
+    )
+    runs = _write(
+        tmp_path / "r.csv",
+        "run,vision_encoder,llm,arch,pt_data,ft_data,updating\n"
+        "a,p8,llama,LLaVA,None,instr,Connector\nb,p4,qwen2,LLaVA,None,instr,Connector\n",
+    )
+    out = fa.aggregate(metrics, runs, tmp_path / "tables")
+    assert out["pairs"] == 0
+    pairs = pl.read_csv(out["effects"])
+    summary = pl.read_csv(out["effects_summary"])
+    chart = ff.factor_figure(pairs, "llm", summary=summary)
+    ff.save_chart(chart, tmp_path / "figure4")
+    assert "no one-factor pair in this study" in (tmp_path / "figure4.svg").read_text()
+    table1 = pl.read_csv(out["table1"])
+    assert table1["run"].to_list() == ["a"]  # the weakest row, no one-factor step from it
+
+
+def test_make_figures_from_the_workflow_outputs(tmp_path, workflow_outputs):
+    models = tmp_path / "models.csv"
+    pl.DataFrame(
+        {
+            "model": ["hub-cogvlm_chat", "clip_l"],
+            "label": ["CogVLM-Chat", "CLIP ViT-L/14"],
+            "kind": ["vlm", "clip"],
+            "clip": ["clip_l", None],
+            "fine_grained": [77.3, 86.7],
+            "general": [50.0, None],
+            "n_way": [None, 80.0],
+        }
+    ).write_csv(models)
+    details = tmp_path / "details.json"
+    details.write_text(json.dumps({"per_class": [], "confusions": []}))
+    inputs = {
+        name: str(workflow_outputs / f"{name}.csv")
+        for name in ("ablations", "effects", "effects_summary", "table1")
+    }
+    inputs.update(models=str(models), details=str(details), leaderboard=fa.leaderboard_file())
+    report = load_config(ROOT / "config" / "config.yaml")["report"]
+    written = ff.make_figures(
+        inputs,
+        tmp_path / "figures",
+        report=report,
+        repos={"hub-cogvlm_chat": "THUDM/cogvlm-chat-hf"},
+        row_encoders={"clip_vicuna_nopt": "clip_l"},
+        confusion_title="confusions",
+    )
+    assert len(written) == 16
+    figure2 = (tmp_path / "figures" / "figure2.svg").read_text()
+    assert "Not shown, no OpenVLM Leaderboard average, 8 benchmarks: CogVLM-Chat" in figure2
+    figure5 = (tmp_path / "figures" / "figure5.svg").read_text()
+    assert "with pretraining: CLIP ViT-L/14@336 → DFN ViT-H/14@378: +4.5pp" in figure5
+    assert "paired-bootstrap 95% interval" in figure5
+    figure8 = (tmp_path / "figures" / "figure8.svg").read_text()
+    assert "Qwen2-VL-7B (87.9)" in figure8 and "73.4 (+5.4)" in figure8

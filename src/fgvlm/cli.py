@@ -199,7 +199,7 @@ def cmd_eval_vlm(args: argparse.Namespace, cfg: dict) -> None:
 
 
 def cmd_aggregate(args: argparse.Namespace) -> None:
-    from fgvlm.report.aggregate import aggregate
+    from fgvlm.report.aggregate import aggregate, read_report_definitions
 
     out = aggregate(
         args.metrics,
@@ -208,7 +208,7 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
         fine_grained=args.fine_grained,
         general=args.general,
         exclude=args.exclude,
-        chain_start=args.chain_start,
+        report=read_report_definitions(args.report) if args.report else None,
     )
     print(
         f"{out['rows']} rows, {out['pairs']} one-factor pairs: {out['ablations']}, "
@@ -323,7 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fine-grained", nargs="+", metavar="BENCHMARK")
     p.add_argument("--general", nargs="+", metavar="BENCHMARK")
     p.add_argument("--exclude", action="append", default=[], metavar="RUN")
-    p.add_argument("--chain-start", metavar="RUN")
+    p.add_argument(
+        "--report",
+        type=Path,
+        metavar="YAML",
+        help="the report: definitions (Table 1, effects' pair sets): a study config or the section",
+    )
     return parser
 
 

@@ -521,22 +521,64 @@ def vlm_eval_spec(config: dict, model: str, benchmark: str) -> dict:
 # --- aggregation -------------------------------------------------------------------------------
 
 
-def report_spec(config: dict) -> dict:
-    """What the ablation table and effects depend on: rows, their factors and results names."""
-    from fgvlm.report.aggregate import effects_exclusions, runs_from_config
+FACTOR_KEYS = ("vision_encoder", "llm", "arch", "pt_data", "ft_data", "updating")
 
+
+def study_runs(config: dict) -> list[dict[str, str]]:
+    """The runs table of a study config: one dict per ablation, run = its name, the factors
+    as the paper prints them (``factor_labels``)."""
+    return [{"run": row["name"], **factor_labels(config, row)} for row in config["ablations"]]
+
+
+def effects_exclusions(config: dict) -> list[str]:
+    """Rows of a study config to keep out of the effects: in each group of rows with identical
+    factors all but one, keeping the first trained row with the default seed, else the group's
+    first row (so the paper's released LLaVA-1.5 and its second LLaVA reproduction give way to
+    the reproduction of row 12)."""
+    default_seed = config["seed"]
+    preferred = [
+        row["name"] for row in trained_rows(config) if row.get("seed", default_seed) == default_seed
+    ]
+    runs = study_runs(config)
+    groups: dict[tuple, list[str]] = {}
+    for run in runs:
+        groups.setdefault(tuple(run[f] for f in FACTOR_KEYS), []).append(run["run"])
+    dropped: set[str] = set()
+    for names in groups.values():
+        keep = next((n for n in preferred if n in names), names[0])
+        dropped.update(n for n in names if n != keep)
+    return [run["run"] for run in runs if run["run"] in dropped]
+
+
+def report_spec(config: dict) -> dict:
+    """What the ablation table, effects, Table 1 and the figures depend on: rows, their factors
+    and results names, the benchmark lists, the replicates kept out of the effects, and the
+    ``report:`` definitions (Table 1's rows and chain, the effects' pair sets, Figures 2 and 8).
+    ``table1_models`` maps Table 1's released models (``model:`` rows) to their results names."""
     rows = config["ablations"]
     vqa = config["vqa_benchmarks"]
+    report = dict(config.get("report") or {})
     return {
-        "runs": runs_from_config(config).to_dicts() if rows else [],
+        "runs": study_runs(config) if rows else [],
         "models": {row["name"]: model_of_row(row) for row in rows},
+        "table1_models": {
+            entry["model"]: f"hub-{entry['model']}"
+            for entry in report.get("table1") or []
+            if "model" in entry
+        },
         "fine_grained": list(config["benchmarks"]),
         "general": list(vqa),
+        "per_class": [
+            name
+            for name, bench in config["benchmarks"].items()
+            if bench.get("metric") == "mean_per_class"
+        ],
         "labels": {
             name: bench.get("label", name)
             for name, bench in {**config["benchmarks"], **vqa}.items()
         },
         "exclude": effects_exclusions(config) if rows else [],
+        "report": report,
     }
 
 
@@ -554,6 +596,7 @@ def models_spec(config: dict) -> dict:
             **{k: config["clip_models"][k].get("label", k) for k in clips},
         },
         "encoders": {f"hub-{k}": v["clip"] for k, v in hub.items() if v.get("clip") in clips},
+        "repos": {f"hub-{k}": v["repo"] for k, v in hub.items() if "repo" in v},
     }
 
 

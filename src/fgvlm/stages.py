@@ -257,95 +257,23 @@ def eval_vlm(
 # --- aggregation, tables and figures --------------------------------------------------------
 
 
-def aggregate_ablations(
-    study: dict, out_dir: str | Path, *, results_dir: str | Path = "results"
-) -> dict:
-    """The ablation table, factor effects (paired intervals, McNemar) and Tables 1-4.
+def aggregate_ablations(study: dict, files: dict, out_dir: str | Path) -> dict:
+    """The ablation table, factor effects (paired intervals, McNemar), Table 1 and Tables 1-4
+    from ``files`` (``report.aggregate.study_files`` of ``study``, the rule's inputs)."""
+    from fgvlm.report.aggregate import aggregate_study
 
-    ``study`` (``fgvlm.config.report_spec``): runs with their factor labels, the results name
-    of each run, the fine-grained and general benchmark lists, benchmark labels, and the runs
-    left out of the effects (replicates).
-    """
-    from fgvlm.report.aggregate import build_outputs, collect_metrics, collect_paired
-
-    benchmarks = [*study["fine_grained"], *study["general"]]
-    models = study["models"]
-    return build_outputs(
-        collect_metrics(results_dir, models, benchmarks),
-        pl.DataFrame(study["runs"]),
-        out_dir,
-        fine_grained=study["fine_grained"],
-        general=study["general"],
-        paired=collect_paired(results_dir, models, benchmarks),
-        exclude=study["exclude"],
-        labels=study["labels"],
-    )
+    return aggregate_study(study, files, out_dir)
 
 
-def aggregate_models(
-    study: dict, out_path: str | Path, *, results_dir: str | Path = "results"
-) -> None:
+def aggregate_models(study: dict, files: dict, out_path: str | Path) -> None:
     """Section 3's table: hub VLMs (fine-grained and general averages) and CLIP baselines."""
-    from fgvlm.report.aggregate import collect_metrics, write_csv
-    from fgvlm.report.tables import models_table
+    from fgvlm.report.aggregate import aggregate_models as build
 
-    fine, general = study["fine_grained"], study["general"]
-    vlms = collect_metrics(results_dir, study["hub_models"], [*fine, *general])
-    clips = collect_metrics(results_dir, study["clip_models"], fine, nway=True)
-    table = models_table(
-        vlms,
-        clips,
-        fine_grained=fine,
-        general=general,
-        labels=study["model_labels"],
-        encoders=study["encoders"],
-    )
-    write_csv(table, out_path)
+    build(study, files, out_path)
 
 
-def make_figures(
-    tables_dir: str | Path,
-    models_csv: str | Path,
-    details_path: str | Path,
-    out_dir: str | Path,
-    *,
-    confusion_title: str,
-    row_encoders: dict[str, str] | None = None,
-) -> list[Path]:
-    """Figures 2-8 and a per-class confusion view, as SVG and HTML in ``out_dir``.
+def make_figures(inputs: dict, out_dir: str | Path, **options) -> list[Path]:
+    """Figures 2-8 and a per-class confusion view (``report.figures.make_figures``)."""
+    from fgvlm.report.figures import make_figures as build
 
-    ``row_encoders`` maps trained ablation runs to the CLIP model of their vision tower, so that
-    Figure 3 sets them beside their encoders too (hub VLMs only where the config names one).
-    """
-    from fgvlm.report import figures
-
-    tables_dir, out_dir = Path(tables_dir), Path(out_dir)
-    models = pl.read_csv(models_csv, schema_overrides={"clip": pl.Utf8})
-    ablations = pl.read_csv(tables_dir / "ablations.csv")
-    trained = ablations.filter(pl.col("run").is_in(list(row_encoders or {}))).select(
-        model=pl.col("run"),
-        label=pl.col("run"),
-        kind=pl.lit("vlm"),
-        clip=pl.col("run").replace_strict(row_encoders or {}, return_dtype=pl.Utf8),
-        fine_grained=pl.col("classification"),
-        general=pl.col("vlm"),
-        n_way=pl.lit(None, dtype=pl.Float64),
-    )
-    with_rows = pl.concat([models.select(trained.columns), trained], how="vertical_relaxed")
-    pairs = pl.read_csv(tables_dir / "effects.csv", infer_schema_length=None)
-    charts = {
-        "figure2": figures.figure2_fine_vs_general(models),
-        "figure3": figures.figure3_vlm_vs_encoder(with_rows),
-        **{
-            name: figures.factor_figure(pairs, factor)
-            for name, factor in figures.FIGURE_FACTORS.items()
-        },
-        "confusion": figures.confusion_figure(io.read_json(details_path), title=confusion_title),
-    }
-    progression = tables_dir / "progression.csv"
-    if progression.is_file():
-        charts["figure8"] = figures.figure8_progression(pl.read_csv(progression))
-    written = []
-    for name, chart in charts.items():
-        written += figures.save_chart(chart, out_dir / name)
-    return written
+    return build(inputs, out_dir, **options)

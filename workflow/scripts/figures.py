@@ -5,10 +5,10 @@ from fgvlm import logs, stages
 sm = snakemake  # noqa: F821
 logs.setup(sm.log, threads=sm.threads)
 stages.make_figures(
-    Path(sm.input.ablations).parent,
-    sm.input.models,
-    sm.input.details,
+    {name: path for name, path in sm.input.items()},
     Path(sm.output.figure2).parent,
-    confusion_title=sm.params.confusion_title,
+    report=sm.params.report,
+    repos=sm.params.repos,
     row_encoders=sm.params.row_encoders,
+    confusion_title=sm.params.confusion_title,
 )

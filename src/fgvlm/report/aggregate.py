@@ -2,9 +2,10 @@
 aggregation share these functions.
 
 ``aggregate`` reads a long CSV ``model,benchmark,accuracy`` (percent; optional ``group``:
-fine_grained | general) and a runs CSV (``run`` + the factor columns), so numbers from anywhere
-(a paper, another toolkit) aggregate the same way. ``collect_metrics`` and ``collect_paired``
-read the DAG's ``results/metrics`` and ``results/predictions`` into the same shapes.
+fine_grained | general), a runs CSV (``run`` + the factor columns) and optionally the config's
+``report:`` definitions, so numbers from anywhere (a paper, another toolkit) aggregate the same
+way. ``study_files`` names the DAG's result files a study reads (the rules' inputs);
+``collect_metrics`` and ``collect_paired`` read them into the same shapes.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import polars as pl
 import polars.selectors as cs
+import yaml
 from tqdm import tqdm
 
 from fgvlm import io
-from fgvlm.config import factor_labels, trained_rows
+from fgvlm.config import ConfigError, load_schema
 from fgvlm.report import effects as fe
 from fgvlm.report import tables as ft
 
@@ -29,8 +32,8 @@ GROUPS = ("fine_grained", "general")
 CSV_DECIMALS = 6  # percentages to 1e-6 pp: exact enough, and no float noise in the CSV
 CAPTIONS = {
     "table1": (
-        "Summary of the ablation progression: one factor changed per row, deltas against the "
-        "row before in parentheses.",
+        "Summary of important ablation settings and comparison to existing models (bolded): "
+        "deltas against the step before in parentheses.",
         "tab:summary",
     ),
     "table2": ("Detailed results of model ablations.", "tab:ablations"),
@@ -182,8 +185,10 @@ def write_tables(
     out_dir = Path(out_dir)
     fine, general = ft.benchmark_groups(table)
     views = {}
+    bold: dict[str, list[int]] = {}
     if summary is not None:
         views["table1"] = ft.summary_view(summary)
+        bold["table1"] = [i for i, r in enumerate(summary["released"]) if r]
     views["table2"] = ft.aggregated_view(table)
     if general:
         views["table3"] = ft.benchmarks_view(table, general, labels=labels)
@@ -193,13 +198,40 @@ def write_tables(
     for name, view in views.items():
         caption, label = CAPTIONS[name]
         for suffix, text in (
-            ("md", ft.to_markdown(view, caption)),
-            ("tex", ft.to_latex(view, caption, label)),
+            ("md", ft.to_markdown(view, caption, bold_rows=bold.get(name, ()))),
+            ("tex", ft.to_latex(view, caption, label, bold_rows=bold.get(name, ()))),
         ):
             path = out_dir / f"{name}.{suffix}"
             _write_text(text, path)
             written.append(path)
     return written
+
+
+def read_report_definitions(path: str | Path) -> dict:
+    """The ``report:`` definitions from a YAML file (a study config, or the section alone),
+    checked against the config schema's ``report`` property."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    report = data.get("report", data) if isinstance(data, dict) else data
+    schema = {**load_schema()["properties"]["report"], "$defs": load_schema().get("$defs", {})}
+    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(report))
+    if errors:
+        where = ".".join(str(p) for p in errors[0].absolute_path) or "report"
+        raise ConfigError(f"{path}: {where}: {errors[0].message}")
+    return dict(report or {})
+
+
+def _check_table1_runs(entries: Sequence[Mapping], runs: Iterable[str], source: str) -> None:
+    known = set(runs)
+    for i, entry in enumerate(entries):
+        for key in ("run", "after"):
+            if entry.get(key) and entry[key] not in known:
+                raise ValueError(f"{source}: table1[{i}].{key}: {entry[key]!r} is not a run")
 
 
 def build_outputs(
@@ -209,40 +241,50 @@ def build_outputs(
     *,
     fine_grained: Sequence[str],
     general: Sequence[str],
+    report: Mapping[str, Any] | None = None,
+    released: pl.DataFrame | None = None,
     paired: fe.Paired | None = None,
     exclude: Iterable[str] = (),
-    chain_start: str | None = None,
     labels: Mapping[str, str] | None = None,
     n_resamples: int = fe.N_RESAMPLES,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Everything the report derives from the numbers, written into ``out_dir``:
-    ablations.csv (``tables.ablations_table``), effects.csv and effects_summary.csv
-    (``effects.factor_effects``; intervals only with ``paired``), and table1-4 .md/.tex
-    (Table 1: the ``progression_chain`` from ``chain_start`` or the weakest row).
-    ``exclude``: runs kept out of the effects and of the chain. Returns the written paths
-    and counts."""
+    ablations.csv (``tables.ablations_table``), effects.csv (every one-factor pair, intervals
+    only with ``paired``) and effects_summary.csv (averaged over the pair sets of
+    ``report["effects"]``), table1.csv (``tables.table1`` over ``report["table1"]``; its
+    released ``model`` rows from ``released``: long metrics of those models) and table1-4
+    .md/.tex. ``exclude``: runs kept out of the effects. Returns the written paths and
+    counts."""
     out_dir = Path(out_dir)
     exclude = list(exclude)
+    report = dict(report or {})
+    entries = list(report.get("table1") or [])
+    _check_table1_runs(entries, runs["run"], "report")
     table = ft.ablations_table(metrics, runs, fine_grained=fine_grained, general=general)
     pairs, summary = fe.factor_effects(
-        table, paired=paired, exclude=exclude, n_resamples=n_resamples, seed=seed
+        table,
+        paired=paired,
+        exclude=exclude,
+        definitions=report.get("effects") or {},
+        n_resamples=n_resamples,
+        seed=seed,
     )
     paths = {
         "ablations": out_dir / "ablations.csv",
         "effects": out_dir / "effects.csv",
         "effects_summary": out_dir / "effects_summary.csv",
+        "table1": out_dir / "table1.csv",
     }
     write_csv(table, paths["ablations"])
     write_csv(pairs, paths["effects"])
     write_csv(summary, paths["effects_summary"])
-    progression = None
-    if table["classification"].drop_nulls().len():
-        chain = ft.progression_chain(table, start=chain_start, exclude=exclude)
-        progression = ft.summary_table(table, chain, after=ft.chain_after(chain))
-        paths["progression"] = out_dir / "progression.csv"
-        write_csv(progression, paths["progression"])  # Table 1's rows, for Figure 8
-    rendered = write_tables(table, out_dir, summary=progression, labels=labels)
+    averages = None
+    if released is not None and released.height:
+        averages = ft.model_averages(released, fine_grained=fine_grained, general=general)
+    summary_rows = ft.table1(table, entries, released=averages, exclude=exclude)
+    write_csv(summary_rows, paths["table1"])  # Table 1's rows; its chain is Figure 8
+    rendered = write_tables(table, out_dir, summary=summary_rows, labels=labels)
     log.info("aggregated %d rows, %d one-factor pairs into %s", table.height, pairs.height, out_dir)
     return {
         **{k: str(v) for k, v in paths.items()},
@@ -262,36 +304,88 @@ def aggregate(
     fine_grained: Sequence[str] | None = None,
     general: Sequence[str] | None = None,
     exclude: Iterable[str] = (),
-    chain_start: str | None = None,
+    report: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``fgvlm aggregate``: METRICS.csv (model, benchmark, accuracy in percent[, group]) and
     RUNS.csv (run + factors) -> ``out_dir``/ablations.csv, effects.csv (no intervals: only
-    accuracies are known), effects_summary.csv, table1-4 .md/.tex. Benchmark lists default
-    to the ``group`` column, else the paper's. Returns ``build_outputs``'s summary."""
+    accuracies are known), effects_summary.csv, table1.csv, table1-4 .md/.tex, with the
+    config's ``report:`` definitions (``read_report_definitions``). Benchmark lists default
+    to the ``group`` column, else the paper's. METRICS.csv may also hold Table 1's released
+    ``model`` rows. Returns ``build_outputs``'s summary."""
+    report = dict(report or {})
     metrics = read_metrics_csv(metrics_csv)
     runs = read_runs_csv(runs_csv)
-    _check_known_runs(metrics, runs, str(metrics_csv), str(runs_csv))
+    released_names = [e["model"] for e in report.get("table1") or [] if "model" in e]
+    is_released = pl.col("model").is_in(released_names)
+    _check_known_runs(metrics.filter(~is_released), runs, str(metrics_csv), str(runs_csv))
     fine, gen = benchmark_lists(metrics, fine_grained, general, source=str(metrics_csv))
     unknown = [r for r in exclude if r not in set(runs["run"])]
     if unknown:
         raise ValueError(f"{runs_csv}: excluded run {unknown[0]!r} is not a run")
     return build_outputs(
-        metrics.select(ft.METRIC_COLUMNS),
+        metrics.filter(~is_released).select(ft.METRIC_COLUMNS),
         runs,
         out_dir,
         fine_grained=fine,
         general=gen,
+        report=report,
+        released=metrics.filter(is_released).select(ft.METRIC_COLUMNS),
         exclude=exclude,
-        chain_start=chain_start,
     )
 
 
 # --- the DAG's results -------------------------------------------------------------------------
 
 
-def _as_mapping(models: Sequence[str] | Mapping[str, str]) -> dict[str, str]:
-    """{name in the table: model folder under results/}; a list maps each name to itself."""
-    return dict(models) if isinstance(models, Mapping) else {m: m for m in models}
+Files = Mapping[str, Mapping[str, str]]  # {model name in the tables: {benchmark: path}}
+
+
+def study_files(spec: Mapping[str, Any], results_dir: str | Path = "results") -> dict[str, Any]:
+    """The result files a study's aggregation reads (``fgvlm.config.report_spec``): per run
+    and per Table 1 released model its metrics, per run its predictions, and the questions of
+    the mean-per-class benchmarks (their intervals resample within classes). The rule
+    declares exactly these as inputs and the stage reads only these."""
+    results = Path(results_dir)
+    benchmarks = [*spec["fine_grained"], *spec["general"]]
+
+    def per_model(models: Mapping[str, str], kind: str, ext: str) -> dict[str, dict[str, str]]:
+        return {
+            name: {b: str(results / kind / folder / f"{b}.{ext}") for b in benchmarks}
+            for name, folder in models.items()
+        }
+
+    return {
+        "metrics": per_model(spec["models"], "metrics", "json"),
+        "predictions": per_model(spec["models"], "predictions", "parquet"),
+        "questions": {b: str(results / "questions" / f"{b}.parquet") for b in spec["per_class"]},
+        "released": per_model(spec["table1_models"], "metrics", "json"),
+    }
+
+
+LEADERBOARD_CSV = "openvlm_leaderboard.csv"
+
+
+def leaderboard_file(name: str | None = None) -> str:
+    """Figure 2's leaderboard CSV: ``name`` where it is a file, else the packaged one."""
+    if name and Path(name).is_file():
+        return str(name)
+    from importlib import resources
+
+    packaged = resources.files("fgvlm.resources").joinpath(name or LEADERBOARD_CSV)
+    if not packaged.is_file():
+        raise FileNotFoundError(f"{name}: leaderboard CSV not found (nor packaged)")
+    return str(packaged)
+
+
+def flat_files(files: Mapping[str, Any]) -> list[str]:
+    """Every path of a ``study_files`` mapping, once, in order (a rule's input list)."""
+    out: list[str] = []
+    for value in files.values():
+        if isinstance(value, Mapping):
+            out += flat_files(value)
+        else:
+            out.append(str(value))
+    return list(dict.fromkeys(out))
 
 
 def _metric_value(data: dict, path: Path, prefix: str = "") -> float:
@@ -305,22 +399,14 @@ def _metric_value(data: dict, path: Path, prefix: str = "") -> float:
     return 100 * value
 
 
-def collect_metrics(
-    results_dir: str | Path,
-    models: Sequence[str] | Mapping[str, str],
-    benchmarks: Sequence[str],
-    *,
-    nway: bool = False,
-) -> pl.DataFrame:
-    """Long table (model, benchmark, accuracy in percent) from
-    ``results_dir``/metrics/<model>/<benchmark>.json, using the statistic its ``primary``
-    names. ``models``: names, or {name in the table: model folder}. ``nway``: add
-    nway_accuracy (CLIP baselines' N-way statistic)."""
-    results_dir = Path(results_dir)
+def collect_metrics(files: Files, *, nway: bool = False) -> pl.DataFrame:
+    """Long table (model, benchmark, accuracy in percent) from the metrics JSONs of
+    ``files`` {model: {benchmark: path}}, using the statistic its ``primary`` names.
+    ``nway``: add nway_accuracy (CLIP baselines' N-way statistic)."""
     records = []
-    for name, folder in _as_mapping(models).items():
-        for bench in benchmarks:
-            path = results_dir / "metrics" / folder / f"{bench}.json"
+    for name, benches in files.items():
+        for bench, path in benches.items():
+            path = Path(path)
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: metrics not found")
             data = io.read_json(path)
@@ -335,21 +421,18 @@ def collect_metrics(
 
 
 def collect_paired(
-    results_dir: str | Path,
-    models: Sequence[str] | Mapping[str, str],
-    benchmarks: Sequence[str],
+    predictions: Files, metrics: Files, questions: Mapping[str, str]
 ) -> dict[tuple[str, str], pl.DataFrame]:
     """Per-question correctness for ``effects.factor_effects``: {(model, benchmark): qid,
-    correct[, label]} from ``results_dir``/predictions/<model>/<benchmark>.parquet (per
-    CircularEval group where the predictions have a ``group`` column). Where the
-    metrics JSON's ``primary`` is mean_per_class, the label comes from
-    ``results_dir``/questions/<benchmark>.parquet so that intervals are per class too."""
-    results_dir = Path(results_dir)
+    correct[, label]} from the ``predictions`` parquet files (per CircularEval group where
+    they have a ``group`` column). Where the ``metrics`` JSON's ``primary`` is
+    mean_per_class, the label comes from that benchmark's ``questions`` parquet so that
+    intervals are per class too."""
     labels: dict[str, pl.DataFrame] = {}
     out = {}
-    items = [(n, f, b) for n, f in _as_mapping(models).items() for b in benchmarks]
-    for name, folder, bench in tqdm(items, desc="paired answers", disable=len(items) < 50):
-        path = results_dir / "predictions" / folder / f"{bench}.parquet"
+    items = [(n, b, p) for n, benches in predictions.items() for b, p in benches.items()]
+    for name, bench, path in tqdm(items, desc="paired answers", disable=len(items) < 50):
+        path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: predictions not found")
         frame = pl.read_parquet(path)
@@ -361,11 +444,15 @@ def collect_paired(
             frame = frame.group_by("group", maintain_order=True).agg(pl.col("correct").all())
             frame = frame.rename({"group": "qid"})
         frame = frame.select("qid", pl.col("correct").cast(pl.Boolean))
-        metrics_path = results_dir / "metrics" / folder / f"{bench}.json"
-        primary = io.read_json(metrics_path).get("primary") if metrics_path.is_file() else None
+        metrics_path = metrics.get(name, {}).get(bench)
+        primary = io.read_json(metrics_path).get("primary") if metrics_path else None
         if primary == "mean_per_class":
+            if bench not in questions:
+                raise ValueError(
+                    f"{path}: {bench} is scored per class but its questions are not an input"
+                )
             if bench not in labels:
-                labels[bench] = _question_labels(results_dir / "questions" / f"{bench}.parquet")
+                labels[bench] = _question_labels(Path(questions[bench]))
             frame = frame.join(labels[bench], on="qid", how="left", maintain_order="left")
             if frame["label"].null_count():
                 raise ValueError(f"{path}: qids missing from the {bench} questions")
@@ -379,19 +466,50 @@ def _question_labels(path: Path) -> pl.DataFrame:
     return pl.read_parquet(path, columns=["qid", "label"])
 
 
-def runs_from_config(config: dict) -> pl.DataFrame:
-    """The runs table of a study config: one row per ablation, run = its name, the factors
-    as the paper prints them (``fgvlm.config.factor_labels``)."""
-    rows = [{"run": row["name"], **factor_labels(config, row)} for row in config["ablations"]]
-    return pl.DataFrame(rows, schema=dict.fromkeys(("run", *ft.FACTORS), pl.Utf8), orient="row")
+def aggregate_study(spec: Mapping[str, Any], files: Mapping[str, Any], out_dir: str | Path):
+    """The DAG's aggregation: ``build_outputs`` over the ``study_files`` of ``spec``
+    (``fgvlm.config.report_spec``), with paired intervals from the predictions."""
+    released = collect_metrics(files["released"]) if files["released"] else None
+    return build_outputs(
+        collect_metrics(files["metrics"]),
+        pl.DataFrame(spec["runs"], schema=dict.fromkeys(("run", *ft.FACTORS), pl.Utf8)),
+        out_dir,
+        fine_grained=spec["fine_grained"],
+        general=spec["general"],
+        report=spec["report"],
+        released=released,
+        paired=collect_paired(files["predictions"], files["metrics"], files["questions"]),
+        exclude=spec["exclude"],
+        labels=spec["labels"],
+    )
 
 
-def effects_exclusions(config: dict) -> list[str]:
-    """Rows of a study config to keep out of the effects: those repeating another row's
-    factors, preferring to keep trained rows with the default seed (so the paper's released
-    LLaVA-1.5 and its second LLaVA reproduction give way to the reproduction of row 12)."""
-    default_seed = config["seed"]
-    preferred = [
-        row["name"] for row in trained_rows(config) if row.get("seed", default_seed) == default_seed
-    ]
-    return fe.replicate_runs(runs_from_config(config), preferred)
+def model_files(spec: Mapping[str, Any], results_dir: str | Path = "results") -> dict[str, Any]:
+    """The metrics files of Section 3's table (``fgvlm.config.models_spec``): hub VLMs on
+    every benchmark, CLIP baselines on the fine-grained ones."""
+    results = Path(results_dir)
+    fine, general = spec["fine_grained"], spec["general"]
+    return {
+        "vlms": {
+            m: {b: str(results / "metrics" / m / f"{b}.json") for b in [*fine, *general]}
+            for m in spec["hub_models"]
+        },
+        "clips": {
+            name: {b: str(results / "metrics" / folder / f"{b}.json") for b in fine}
+            for name, folder in spec["clip_models"].items()
+        },
+    }
+
+
+def aggregate_models(spec: Mapping[str, Any], files: Mapping[str, Any], out_path: str | Path):
+    """Section 3's table (``tables.models_table``) from ``model_files``, written as CSV."""
+    table = ft.models_table(
+        collect_metrics(files["vlms"]),
+        collect_metrics(files["clips"], nway=True),
+        fine_grained=spec["fine_grained"],
+        general=spec["general"],
+        labels=spec["model_labels"],
+        encoders=spec["encoders"],
+    )
+    write_csv(table, out_path)
+    return table

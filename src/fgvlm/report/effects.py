@@ -54,6 +54,7 @@ def _pair_schema() -> dict[str, pl.DataType]:
 
 SUMMARY_SCHEMA = {
     "factor": pl.Utf8,
+    "selection": pl.Utf8,
     "from": pl.Utf8,
     "to": pl.Utf8,
     "n_pairs": pl.Int64,
@@ -62,6 +63,9 @@ SUMMARY_SCHEMA = {
     "classification_positive": pl.Int64,
     "vlm_positive": pl.Int64,
 }
+# A summary's pair set: {column of effects.csv: value or list of values}; {} takes every pair.
+Selection = Mapping[str, str | Sequence[str]]
+Definitions = Mapping[str, Sequence[Mapping]]
 
 
 def one_factor_pairs(
@@ -99,22 +103,6 @@ def one_factor_pairs(
         lo, hi, f = pair["row_from"], pair["row_to"], pair["factor"]
         out.append({**pair, "from": lo[f], "to": hi[f], "run_from": lo["run"], "run_to": hi["run"]})
     return out
-
-
-def replicate_runs(table: pl.DataFrame, preferred: Iterable[str] = ()) -> list[str]:
-    """Runs that repeat another row's factors (a released checkpoint, a second seed): in each
-    group of rows with identical factors, all but one, kept by ``preferred`` (the first of the
-    group listed there), else the group's first row. Pass the result as ``exclude``."""
-    ranks = {run: i for i, run in enumerate(preferred)}
-    groups: dict[tuple, list[str]] = {}
-    for row in table.iter_rows(named=True):
-        groups.setdefault(tuple(row[f] for f in FACTORS), []).append(row["run"])
-    dropped = []
-    for runs in groups.values():
-        keep = min(runs, key=lambda r: (ranks.get(r, len(ranks)), runs.index(r)))
-        dropped += [r for r in runs if r != keep]
-    order = {r: i for i, r in enumerate(table["run"])}
-    return sorted(dropped, key=order.__getitem__)
 
 
 # --- paired statistics over questions ----------------------------------------------------------
@@ -239,6 +227,7 @@ def factor_effects(
     paired: Paired | None = None,
     exclude: Iterable[str] = (),
     order: Mapping[str, Sequence[str]] | None = None,
+    definitions: Definitions | None = None,
     n_resamples: int = N_RESAMPLES,
     seed: int = 0,
     level: float = LEVEL,
@@ -257,9 +246,10 @@ def factor_effects(
     (percent), m_delta (to - from, percentage points), m_ci_low, m_ci_high (paired bootstrap
     interval at ``level``), m_p (exact McNemar p-value, discordant questions pooled over the
     average's benchmarks).
-    Out ``summary`` (effects_summary.csv), one row per (factor, from, to): n_pairs, the mean
-    deltas classification_delta and vlm_delta (over pairs with a value), and how many pairs
-    improved: classification_positive, vlm_positive.
+    Out ``summary`` (effects_summary.csv), one row per (factor, selection, from, to) of
+    ``summarize_effects`` over ``definitions``: n_pairs, the mean deltas classification_delta
+    and vlm_delta (over pairs with a value), and how many pairs improved:
+    classification_positive, vlm_positive.
     """
     unknown = [f for f in factors if f not in FACTORS]
     if unknown:
@@ -296,29 +286,55 @@ def factor_effects(
                 record[f"{m}_{key}"] = None if stats is None else stats[key]
         records.append(record)
     pairs = pl.DataFrame(records, schema=_pair_schema(), orient="row")
-    return pairs, summarize_effects(pairs)
+    return pairs, summarize_effects(pairs, definitions)
 
 
-def summarize_effects(pairs: pl.DataFrame) -> pl.DataFrame:
-    """Mean delta per (factor, from, to) change, in the order the changes first appear."""
+def select_pairs(pairs: pl.DataFrame, where: Selection) -> pl.DataFrame:
+    """The pairs matching ``where`` (column=value; a list value matches any of its items)."""
+    selected = pairs
+    for column, value in where.items():
+        if column not in pairs.columns:
+            raise ValueError(f"effects: {column!r} is not a column of effects.csv")
+        values = [value] if isinstance(value, str) else list(value)
+        selected = selected.filter(pl.col(column).is_in(values))
+    return selected
+
+
+def summarize_effects(pairs: pl.DataFrame, definitions: Definitions | None = None) -> pl.DataFrame:
+    """Mean delta per (factor, selection, from, to): each factor's pairs are averaged over
+    the pair sets ``definitions`` names ({factor: [{label, where}]}, the config's
+    ``report.effects``), a factor not listed over all its pairs; changes in the order they
+    first appear."""
     if pairs.height == 0:
         return pl.DataFrame(schema=SUMMARY_SCHEMA)
-    summary = pairs.group_by(["factor", "from", "to"], maintain_order=True).agg(
-        pl.len().cast(pl.Int64).alias("n_pairs"),
-        *[pl.col(f"{m}_delta").mean().alias(f"{m}_delta") for m in AVERAGES],
-        *[(pl.col(f"{m}_delta") > 0).sum().cast(pl.Int64).alias(f"{m}_positive") for m in AVERAGES],
-    )
-    return summary.select(list(SUMMARY_SCHEMA)).cast(SUMMARY_SCHEMA)
+    parts = []
+    for factor in pairs["factor"].unique(maintain_order=True):
+        for definition in (definitions or {}).get(factor) or [{}]:
+            chosen = select_pairs(
+                pairs.filter(pl.col("factor") == factor), definition.get("where") or {}
+            )
+            if chosen.height == 0:
+                continue
+            parts.append(
+                chosen.group_by(["factor", "from", "to"], maintain_order=True).agg(
+                    pl.lit(definition.get("label", "")).alias("selection"),
+                    pl.len().cast(pl.Int64).alias("n_pairs"),
+                    *[pl.col(f"{m}_delta").mean().alias(f"{m}_delta") for m in AVERAGES],
+                    *[
+                        (pl.col(f"{m}_delta") > 0).sum().cast(pl.Int64).alias(f"{m}_positive")
+                        for m in AVERAGES
+                    ],
+                )
+            )
+    if not parts:
+        return pl.DataFrame(schema=SUMMARY_SCHEMA)
+    return pl.concat(parts).select(list(SUMMARY_SCHEMA)).cast(SUMMARY_SCHEMA)
 
 
 def mean_effect(pairs: pl.DataFrame, average: str = "classification", **where: str) -> float:
-    """Mean ``average`` delta over the pairs matching ``where`` (column=value; a list or tuple
-    value matches any of its items), e.g. ``mean_effect(pairs, factor="llm", to="Qwen2-7B")``."""
-    selected = pairs
-    for column, value in where.items():
-        values = list(value) if isinstance(value, list | tuple) else [value]
-        selected = selected.filter(pl.col(column).is_in(values))
-    deltas = selected[f"{average}_delta"].drop_nulls()
+    """Mean ``average`` delta over the pairs matching ``where`` (``select_pairs``), e.g.
+    ``mean_effect(pairs, factor="llm", to="Qwen2-7B")``."""
+    deltas = select_pairs(pairs, where)[f"{average}_delta"].drop_nulls()
     if deltas.is_empty():
         raise ValueError(f"effects: no pair matches {where}")
     return float(deltas.mean())

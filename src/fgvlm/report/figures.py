@@ -18,6 +18,7 @@ from pathlib import Path
 import altair as alt
 import polars as pl
 
+from fgvlm import io
 from fgvlm.io import atomic_path
 from fgvlm.report.effects import level_order
 from fgvlm.report.tables import AVERAGES, FACTOR_HEADERS, FACTORS, format_number
@@ -46,21 +47,38 @@ def _signed(value: float) -> str:
     return format_number(value, signed=True)
 
 
+def placeholder(title: str, message: str) -> alt.Chart:
+    """A figure that says why it has nothing to show (a small study lacks what it plots)."""
+    data = pl.DataFrame({"text": [message]})
+    return (
+        alt.Chart(data, title=title)
+        .mark_text(fontSize=13)
+        .encode(text="text:N")
+        .properties(width=420, height=80)
+    )
+
+
 def figure2_fine_vs_general(
     models: pl.DataFrame,
     *,
+    general_title: str = "General VQA accuracy (%)",
     title: str = "Fine-grained classification vs general VQA across VLMs",
-) -> alt.LayerChart:
-    """Scatter of the hub VLMs of ``models_table``: general (x) vs fine-grained (y), labelled."""
-    data = models.filter(
-        (pl.col("kind") == "vlm")
-        & pl.col("fine_grained").is_not_null()
-        & pl.col("general").is_not_null()
+) -> alt.LayerChart | alt.Chart:
+    """Scatter of the hub VLMs of ``models_table``: general (x) vs fine-grained (y), labelled;
+    VLMs without a general number are named under the title."""
+    vlms = models.filter(pl.col("kind") == "vlm")
+    data = vlms.filter(
+        pl.col("fine_grained").is_not_null() & pl.col("general").is_not_null()
     ).select("label", "fine_grained", "general")
+    missing = vlms.filter(pl.col("general").is_null())["label"].to_list()
+    note = [f"Not shown, no {general_title.split(' (')[0]}: {', '.join(missing)}"]
+    subtitle = note if missing else []
     if data.height == 0:
-        raise ValueError("figure 2: no VLM has both a fine-grained and a general average")
+        return placeholder(
+            alt.Title(title, subtitle=subtitle), "no VLM has both averages in this study"
+        )
     base = alt.Chart(data).encode(
-        x=alt.X("general:Q", title="General VQA accuracy (%)", scale=alt.Scale(zero=False)),
+        x=alt.X("general:Q", title=general_title, scale=alt.Scale(zero=False)),
         y=alt.Y(
             "fine_grained:Q",
             title="Fine-grained classification accuracy (%)",
@@ -70,7 +88,9 @@ def figure2_fine_vs_general(
     )
     points = base.mark_circle(size=70)
     labels = base.mark_text(align="left", dx=6, dy=-6, fontSize=10).encode(text="label:N")
-    return alt.layer(points, labels, title=title).properties(width=420, height=320)
+    return alt.layer(points, labels, title=alt.Title(title, subtitle=subtitle)).properties(
+        width=420, height=320
+    )
 
 
 def figure3_vlm_vs_encoder(
@@ -107,7 +127,7 @@ def figure3_vlm_vs_encoder(
             }
         )
     if not records:
-        raise ValueError("figure 3: no VLM names its CLIP encoder")
+        return placeholder(title, "no VLM names its CLIP encoder in this study")
     data = pl.DataFrame(records)
     return (
         alt.Chart(data, title=title)
@@ -132,16 +152,21 @@ def _context_labels(pairs: pl.DataFrame, factor: str) -> list[str]:
     return [" · ".join(str(r[f]) for f in varying) for r in pairs.iter_rows(named=True)]
 
 
-def _change_subtitle(pairs: pl.DataFrame) -> list[str]:
-    """One line per change: mean deltas on both averages, as the paper's captions give them."""
+def _change_subtitle(summary: pl.DataFrame) -> list[str]:
+    """One line per summary row (``effects.summarize_effects``): its pair set, the change and
+    the mean deltas on both averages, as the paper's captions give them."""
     lines = []
-    for (f, t), group in pairs.group_by(["from", "to"], maintain_order=True):
-        parts = []
-        for m in AVERAGES:
-            mean = group[f"{m}_delta"].drop_nulls().mean()
-            if mean is not None:
-                parts.append(f"{_signed(mean)}pp {DELTA_NAMES[m]}")
-        lines.append(f"{f} → {t}: {', '.join(parts) or 'no values'} ({group.height} pairs)")
+    for row in summary.iter_rows(named=True):
+        parts = [
+            f"{_signed(row[f'{m}_delta'])}pp {DELTA_NAMES[m]}"
+            for m in AVERAGES
+            if row[f"{m}_delta"] is not None
+        ]
+        head = f"{row['selection']}: " if row["selection"] else ""
+        lines.append(
+            f"{head}{row['from']} → {row['to']}: {', '.join(parts) or 'no values'} "
+            f"({row['n_pairs']} pairs)"
+        )
     return lines
 
 
@@ -149,51 +174,101 @@ def factor_figure(
     pairs: pl.DataFrame,
     factor: str,
     *,
+    summary: pl.DataFrame | None = None,
     title: str | None = None,
     order: Sequence[str] | None = None,
-) -> alt.Chart:
+) -> alt.FacetChart | alt.Chart:
     """Figures 4-7: for every pair differing only in ``factor``, its values side by side, per
-    configuration (the shared factors), on both averages (one panel each); the subtitle gives
-    each change's mean delta."""
+    configuration (the shared factors), on both averages (one panel each). Error bars on the
+    changed bar: the paired-bootstrap 95% interval of the change (where answers gave one).
+    Subtitle: ``summary`` rows of ``factor`` (effects_summary.csv), else each change's mean."""
+    title = title or f"Ablating the {FACTOR_NAMES.get(factor, factor)}"
     chosen = pairs.filter(pl.col("factor") == factor)
     if chosen.height == 0:
-        raise ValueError(f"factor figure: no pair differs only in {factor!r}")
+        return placeholder(title, "no one-factor pair in this study")
+    if summary is None:
+        from fgvlm.report.effects import summarize_effects
+
+        summary = summarize_effects(chosen)
+    summary = summary.filter(pl.col("factor") == factor)
     contexts = _context_labels(chosen, factor)
     records = []
     for context, row in zip(contexts, chosen.iter_rows(named=True), strict=True):
         for side in ("from", "to"):
             for m in AVERAGES:
+                value, low, high = row[f"{m}_{side}"], None, None
+                if side == "to" and row.get(f"{m}_ci_low") is not None and value is not None:
+                    # the interval of the change, drawn around the changed run's accuracy
+                    low = value + row[f"{m}_ci_low"] - row[f"{m}_delta"]
+                    high = value + row[f"{m}_ci_high"] - row[f"{m}_delta"]
                 records.append(
                     {
                         "configuration": context,
                         "value": row[side],
                         "run": row[f"run_{side}"],
                         "average": AVERAGE_NAMES[m],
-                        "accuracy": row[f"{m}_{side}"],
+                        "accuracy": value,
+                        "ci_low": low,
+                        "ci_high": high,
                     }
                 )
-    data = pl.DataFrame(records).unique(maintain_order=True)
+    schema = {
+        "configuration": pl.Utf8,
+        "value": pl.Utf8,
+        "run": pl.Utf8,
+        "average": pl.Utf8,
+        "accuracy": pl.Float64,
+        "ci_low": pl.Float64,
+        "ci_high": pl.Float64,
+    }
+    data = pl.DataFrame(records, schema=schema, orient="row").unique(maintain_order=True)
     levels_frame = pl.DataFrame({factor: [*chosen["from"], *chosen["to"]]})
     levels = level_order(levels_frame, factor, order)
     header = FACTOR_HEADERS.get(factor, factor)
-    title = title or f"Ablating the {FACTOR_NAMES.get(factor, factor)}"
-    return (
-        alt.Chart(data, title=alt.Title(title, subtitle=_change_subtitle(chosen)))
+    x = alt.X(
+        "configuration:N",
+        title=None,
+        sort=list(dict.fromkeys(contexts)),
+        axis=alt.Axis(labelAngle=-30),
+    )
+    offset = alt.XOffset("value:N", sort=levels)
+    bars = (
+        alt.Chart()
         .mark_bar()
         .encode(
-            x=alt.X(
-                "configuration:N",
-                title=None,
-                sort=list(dict.fromkeys(contexts)),
-                axis=alt.Axis(labelAngle=-30),
-            ),
-            xOffset=alt.XOffset("value:N", sort=levels),
+            x=x,
+            xOffset=offset,
             y=alt.Y("accuracy:Q", axis=ACCURACY_AXIS),
             color=alt.Color("value:N", sort=levels, title=header),
-            column=alt.Column("average:N", title=None, sort=list(AVERAGE_NAMES.values())),
             tooltip=["run:N", "value:N", alt.Tooltip("accuracy:Q", format=".1f")],
         )
+    )
+    errors = (
+        alt.Chart()
+        .transform_filter("isValid(datum.ci_low)")
+        .mark_rule(color="black")
+        .encode(
+            x=x,
+            xOffset=offset,
+            y=alt.Y("ci_low:Q"),
+            y2="ci_high:Q",
+            tooltip=[
+                "run:N",
+                alt.Tooltip("ci_low:Q", format=".1f", title="95% CI low"),
+                alt.Tooltip("ci_high:Q", format=".1f", title="95% CI high"),
+            ],
+        )
+    )
+    subtitle = _change_subtitle(summary) + [
+        "error bars: paired-bootstrap 95% interval of the change"
+    ]
+    return (
+        alt.layer(bars, errors, data=data)
         .properties(width=alt.Step(16))
+        .facet(
+            column=alt.Column("average:N", title=None, sort=list(AVERAGE_NAMES.values())),
+            title=alt.Title(title, subtitle=subtitle),
+        )
     )
 
 
@@ -202,12 +277,12 @@ def figure8_progression(
     *,
     reference: Mapping[str, float] | None = None,
     title: str = "Progression of combined ablation effects",
-) -> alt.LayerChart:
+) -> alt.LayerChart | alt.Chart:
     """Figure 8: both averages along the chain of ``summary_table`` rows (x in row order),
     each step labelled with its delta; ``reference`` {label: fine-grained value} draws
     horizontal rules (e.g. the released model the chain falls short of)."""
     if summary.height == 0:
-        raise ValueError("figure 8: the summary has no rows")
+        return placeholder(title, "no Table 1 chain in this study")
     steps = summary["label"].to_list()
     records = []
     for row in summary.iter_rows(named=True):
@@ -321,4 +396,87 @@ def save_chart(
             extra = {"inline": inline} if fmt == "html" else {}
             chart.save(str(tmp), format=fmt, **extra)
         written.append(path)
+    return written
+
+
+def read_leaderboard(path: str | Path) -> dict[str, float]:
+    """{Hub repo: OpenVLM Leaderboard average} from the leaderboard CSV (lines starting with
+    "#" are its provenance); rows without a number are left out."""
+    frame = pl.read_csv(path, comment_prefix="#", schema_overrides={"average": pl.Float64})
+    return {
+        r["repo"]: r["average"] for r in frame.iter_rows(named=True) if r["average"] is not None
+    }
+
+
+def make_figures(
+    inputs: Mapping[str, str | Path],
+    out_dir: str | Path,
+    *,
+    report: Mapping | None = None,
+    repos: Mapping[str, str] | None = None,
+    row_encoders: Mapping[str, str] | None = None,
+    confusion_title: str,
+) -> list[Path]:
+    """Figures 2-8 and a per-class confusion view, as SVG and HTML in ``out_dir``, from the
+    declared ``inputs``: ablations, effects, effects_summary, table1, models (CSVs), details
+    (JSON) and, where Figure 2's x-axis is the leaderboard's, leaderboard (CSV).
+
+    ``report``: the config's ``report:`` definitions (figure2.general: leaderboard | measured;
+    figure8.reference: the run or Table 1 model drawn as a reference line). ``repos`` maps
+    hub VLMs to their repo (the leaderboard's key). ``row_encoders`` maps trained ablation
+    runs to the CLIP model of their vision tower, so Figure 3 sets them beside it too."""
+    report, out_dir = dict(report or {}), Path(out_dir)
+    encoders = dict(row_encoders or {})
+    models = pl.read_csv(inputs["models"], schema_overrides={"clip": pl.Utf8})
+    ablations = pl.read_csv(inputs["ablations"], infer_schema_length=None)
+    trained = ablations.filter(pl.col("run").is_in(list(encoders))).select(
+        model=pl.col("run"),
+        label=pl.col("run"),
+        kind=pl.lit("vlm"),
+        clip=pl.col("run").replace_strict(encoders, default=None, return_dtype=pl.Utf8),
+        fine_grained=pl.col("classification").cast(pl.Float64),
+        general=pl.col("vlm").cast(pl.Float64),
+        n_way=pl.lit(None, dtype=pl.Float64),
+    )
+    with_rows = pl.concat([models.select(trained.columns), trained], how="vertical_relaxed")
+    general_title = "General VQA accuracy (%)"
+    if (report.get("figure2") or {}).get("general", "measured") == "leaderboard":
+        board = read_leaderboard(inputs["leaderboard"])
+        by_repo = {m: board.get(r) for m, r in (repos or {}).items()}
+        models = models.with_columns(
+            pl.col("model")
+            .replace_strict(by_repo, default=None, return_dtype=pl.Float64)
+            .alias("general")
+        )
+        general_title = "OpenVLM Leaderboard average, 8 benchmarks (%)"
+    strings = dict.fromkeys(("from", "to", "run_from", "run_to", "factor"), pl.Utf8)
+    pairs = pl.read_csv(inputs["effects"], infer_schema_length=None, schema_overrides=strings)
+    summary = pl.read_csv(
+        inputs["effects_summary"],
+        infer_schema_length=None,
+        schema_overrides={**strings, "selection": pl.Utf8},
+    )
+    table1 = pl.read_csv(inputs["table1"], infer_schema_length=None)
+    reference = None
+    ref_name = (report.get("figure8") or {}).get("reference")
+    if ref_name:
+        hit = table1.filter(pl.col("run") == ref_name)
+        source = hit if hit.height else ablations.filter(pl.col("run") == ref_name)
+        if source.height == 0 or source["classification"][0] is None:
+            raise ValueError(f"figure 8: reference {ref_name!r} has no Table 1 or ablation row")
+        label = hit["label"][0] if hit.height else ref_name
+        reference = {label: float(source["classification"][0])}
+    charts = {
+        "figure2": figure2_fine_vs_general(models, general_title=general_title),
+        "figure3": figure3_vlm_vs_encoder(with_rows),
+        **{
+            name: factor_figure(pairs, factor, summary=summary)
+            for name, factor in FIGURE_FACTORS.items()
+        },
+        "figure8": figure8_progression(table1.filter(pl.col("chain")), reference=reference),
+        "confusion": confusion_figure(io.read_json(inputs["details"]), title=confusion_title),
+    }
+    written = []
+    for name, chart in charts.items():
+        written += save_chart(chart, out_dir / name)
     return written

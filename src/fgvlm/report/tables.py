@@ -253,7 +253,7 @@ def chain_after(chain: Sequence[str]) -> dict[str, str]:
 
 
 def _change_text(row: Mapping, ref: Mapping, factors: Sequence[str]) -> str:
-    changed = differing_factors(ref, row, factors)
+    changed = [f for f in differing_factors(ref, row, factors) if ref[f] and row[f]]
     return "; ".join(f"{FACTOR_HEADERS[f]}: {ref[f]} → {row[f]}" for f in changed)
 
 
@@ -307,6 +307,77 @@ def summary_table(
         **{f"{m}_delta": pl.Float64 for m in AVERAGES},
     }
     return pl.DataFrame(records, schema=schema, orient="row")
+
+
+def model_averages(
+    metrics: pl.DataFrame, *, fine_grained: Sequence[str], general: Sequence[str]
+) -> pl.DataFrame:
+    """Per model of long ``metrics``: ``classification`` and ``vlm`` (strict means)."""
+    metrics = _check_metrics(metrics, "metrics")
+    keys = metrics.select(pl.col("model").unique(maintain_order=True))
+    wide = _wide(metrics, keys, [*fine_grained, *general], "accuracy")
+    return wide.select(
+        pl.col("model").alias("run"),
+        _strict_mean(fine_grained).cast(pl.Float64).alias("classification"),
+        _strict_mean(general).cast(pl.Float64).alias("vlm"),
+    )
+
+
+def table1(
+    table: pl.DataFrame,
+    entries: Sequence[Mapping],
+    *,
+    released: pl.DataFrame | None = None,
+    exclude: Iterable[str] = (),
+) -> pl.DataFrame:
+    """Table 1 as the config's ``report.table1`` defines it: one row per entry, in order.
+
+    An entry names an ablation ``run`` or a released ``model`` (its averages from
+    ``released``: run, classification, vlm; its ``factors`` from the entry), a ``label``, and
+    whether it is a ``chain`` step (compared with the chain step before it: Figure 8's
+    progression), ``released`` (bold) or compared ``after`` another entry's run.
+    Without entries: the ``progression_chain`` from the weakest row (``exclude``d runs aside).
+    Out: ``summary_table``'s columns, then chain and released (bool).
+    """
+    if not entries:
+        chain = progression_chain(table, exclude=exclude)
+        entries = [{"run": run, "chain": True} for run in chain]
+    rows = table.select("run", *FACTORS, *AVERAGES)
+    extra = []
+    for entry in entries:
+        if "model" in entry:
+            factors = dict(entry.get("factors") or {})
+            values = {}
+            if released is not None:
+                hit = released.filter(pl.col("run") == entry["model"])
+                values = hit.row(0, named=True) if hit.height else {}
+            extra.append(
+                {
+                    "run": entry["model"],
+                    **{f: factors.get(f) for f in FACTORS},
+                    **{m: values.get(m) for m in AVERAGES},
+                }
+            )
+    if extra:
+        schema = {"run": pl.Utf8, **dict.fromkeys(FACTORS, pl.Utf8)}
+        schema.update(dict.fromkeys(AVERAGES, pl.Float64))
+        rows = pl.concat([rows, pl.DataFrame(extra, schema=schema, orient="row")])
+    names = [entry.get("run") or entry["model"] for entry in entries]
+    after: dict[str, str] = {}
+    previous = None
+    for name, entry in zip(names, entries, strict=True):
+        if entry.get("chain"):
+            if previous is not None:
+                after[name] = previous
+            previous = name
+        if entry.get("after"):
+            after[name] = entry["after"]
+    labels = {n: e["label"] for n, e in zip(names, entries, strict=True) if e.get("label")}
+    summary = summary_table(rows, names, after=after, labels=labels)
+    return summary.with_columns(
+        pl.Series("chain", [bool(e.get("chain")) for e in entries], dtype=pl.Boolean),
+        pl.Series("released", [bool(e.get("released")) for e in entries], dtype=pl.Boolean),
+    )
 
 
 # --- Section 3: released VLMs and CLIP baselines -----------------------------------------------
