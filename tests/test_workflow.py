@@ -85,10 +85,11 @@ def test_paper_config_dry_run_lists_every_stage(tmp_path):
     )
 
 
-def test_all_ablations_needs_only_the_ablation_rows(tmp_path):
+def test_all_ablations_needs_only_the_ablation_rows_and_table1s_models(tmp_path):
     jobs = planned_jobs(tmp_path, "all_ablations")
-    assert jobs["eval_vlm"] == 24 * 7  # Table 2's rows (2 of them released checkpoints)
-    assert jobs["materialize_hub_vlm"] == 2
+    # Table 2's 24 rows (2 of them released checkpoints) and Table 1's Molmo-7B-D
+    assert jobs["eval_vlm"] == 25 * 7
+    assert jobs["materialize_hub_vlm"] == 3
     assert jobs["aggregate_ablations"] == 1 and "eval_clip" not in jobs
 
 
