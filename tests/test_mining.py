@@ -22,8 +22,8 @@ from fgvlm.models.clip import (
     encode_class_prompts,
     encode_images,
     load_clip,
-    materialize_random_clip,
 )
+from fgvlm.models.tiny import materialize_random_clip
 
 TINY_CFG = Path(str(resources.files("fgvlm") / "resources" / "clip_configs" / "tiny-vit.json"))
 

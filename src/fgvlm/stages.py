@@ -125,7 +125,7 @@ def _classnames(spec: dict, frame: pl.DataFrame, world_dir: str | Path | None) -
 def fetch_clip(source: dict, out_dir: str | Path, *, world_dirs: list[str | Path] = ()) -> None:
     """Fetch released CLIP weights, or materialize a tiny CLIP (random init, then optionally
     contrastive pretraining on the synthetic worlds' train images) into ``out_dir``."""
-    from fgvlm.models import clip
+    from fgvlm.models import clip, tiny
 
     if source["type"] == "open_clip":
         clip.fetch_pretrained_clip(
@@ -137,8 +137,8 @@ def fetch_clip(source: dict, out_dir: str | Path, *, world_dirs: list[str | Path
         pretrain = source["pretrain"]
         with tempfile.TemporaryDirectory(dir=Path(out_dir).parent) as tmp:
             init = Path(tmp) / "init"
-            clip.materialize_random_clip(Path(source["model_config"]), init, source["seed"])
-            summary = clip.contrastive_pretrain(
+            tiny.materialize_random_clip(Path(source["model_config"]), init, source["seed"])
+            summary = tiny.contrastive_pretrain(
                 init,
                 Path(out_dir),
                 world_pairs(world_dirs),
@@ -148,7 +148,7 @@ def fetch_clip(source: dict, out_dir: str | Path, *, world_dirs: list[str | Path
             )
         log.info("CLIP pretraining %s: %s", out_dir, summary)
     elif source["type"] == "random_init":
-        clip.materialize_random_clip(Path(source["model_config"]), Path(out_dir), source["seed"])
+        tiny.materialize_random_clip(Path(source["model_config"]), Path(out_dir), source["seed"])
     else:
         raise ValueError(f"CLIP source type {source['type']!r} is not supported")
 
@@ -289,15 +289,15 @@ def _jsonl(path: Path) -> list[dict]:
 
 def materialize_llm(source: dict, out_dir: str | Path, *, world_dirs: list[str | Path]) -> dict:
     """Fetch a released LLM, or create a tiny one pre-trained on the worlds' text."""
-    from fgvlm.models import llm
+    from fgvlm.models import llm, tiny
 
     if source["type"] == "hub":
         llm.fetch_llm(source["repo"], source.get("revision", "main"), Path(out_dir))
         return {"repo": source["repo"]}
     if source["type"] == "tiny":
-        return llm.materialize_tiny_llm(
+        return tiny.materialize_tiny_llm(
             Path(out_dir),
-            family=source["family"],
+            arch=source["family"],
             corpus=world_corpus(world_dirs),
             seed=source["seed"],
             hidden_size=source.get("hidden_size", 96),
@@ -349,12 +349,12 @@ def materialize_base_vlm(
     source: dict, out_dir: str | Path, *, text_model_dir: str | Path | None = None
 ) -> None:
     """Fetch a base VLM (Qwen2-VL base), or build the demo's tiny transformers-native one."""
-    from fgvlm.models import hub
+    from fgvlm.models import hub, tiny
 
     if source["type"] == "hub":
         hub.fetch_hub_vlm(source["repo"], source.get("revision", "main"), Path(out_dir))
     elif source["type"] == "tiny_qwen2_vl":
-        hub.materialize_tiny_hub_vlm(
+        tiny.materialize_tiny_hub_vlm(
             "qwen2_vl",
             Path(out_dir),
             tokenizer_dir=Path(text_model_dir),
@@ -503,10 +503,10 @@ def materialize_hub_vlm(
     vlm: dict, out_dir: str | Path, *, text_model_dir: str | Path | None
 ) -> None:
     """Fetch a released VLM (safetensors only), or build the demo's tiny stand-in."""
-    from fgvlm.models import hub
+    from fgvlm.models import hub, tiny
 
     if "tiny" in vlm:
-        hub.materialize_tiny_hub_vlm(
+        tiny.materialize_tiny_hub_vlm(
             vlm["tiny"]["kind"],
             Path(out_dir),
             tokenizer_dir=Path(text_model_dir),
