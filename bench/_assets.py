@@ -23,8 +23,7 @@ import torch
 from fgvlm.data.conversations import read_synthetic_instructions
 from fgvlm.data.shards import write_conversation_shards
 from fgvlm.data.synthetic import class_folder, generate_world
-from fgvlm.models.clip import materialize_random_clip
-from fgvlm.models.llm import materialize_tiny_llm
+from fgvlm.models.tiny import materialize_random_clip, materialize_tiny_llm
 from fgvlm.stages import world_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +90,7 @@ def build_assets(
     if not llm_dir.exists():
         materialize_tiny_llm(
             llm_dir,
-            family=llm_family,
+            arch=llm_family,
             corpus=world_corpus(worlds),
             seed=seed + 5,
             hidden_size=llm_hidden,
@@ -102,7 +101,7 @@ def build_assets(
     if not random_llm_dir.exists():
         materialize_tiny_llm(
             random_llm_dir,
-            family=llm_family,
+            arch=llm_family,
             corpus=world_corpus(worlds),
             seed=seed + 5,
             hidden_size=llm_hidden,

@@ -27,10 +27,12 @@ import torch
 from _assets import build_assets, machine, mcq_options, seed_everything, world_test_images
 from PIL import Image
 
-from fgvlm.evaluate.prompts import FINE_GRAINED_QUESTION, mcq_prompt
+from fgvlm.evaluate.hub_runner import HubVLM
+from fgvlm.evaluate.prompts import mcq_prompt
 from fgvlm.evaluate.runners import LlavaRunner
-from fgvlm.evaluate.scoring import MCQItem, MCQModel, agreement, score
-from fgvlm.models.hub import HubVLM, build_tiny_hub_vlm
+from fgvlm.evaluate.scoring import agreement, score
+from fgvlm.mcq import FINE_GRAINED_QUESTION, MCQItem, MCQModel
+from fgvlm.models.tiny import build_tiny_hub_vlm
 from fgvlm.models.vlm import build_vlm
 
 

@@ -43,12 +43,12 @@ from _assets import TINY_CLIP_CONFIG, machine, mcq_options, world_test_images
 from PIL import Image
 
 from fgvlm.data.synthetic import generate_world
-from fgvlm.evaluate.prompts import FINE_GRAINED_QUESTION, mcq_prompt
-from fgvlm.evaluate.scoring import MCQItem, agreement, score
-from fgvlm.models.clip import materialize_random_clip
-from fgvlm.models.hub import CHAT_TOKENS, LLAVA_CHAT_TEMPLATE, HubVLM
-from fgvlm.models.llm import train_tokenizer
-from fgvlm.models.templates import IGNORE_INDEX, IMAGE_TOKEN_ID
+from fgvlm.evaluate.hub_runner import HubVLM
+from fgvlm.evaluate.prompts import mcq_prompt
+from fgvlm.evaluate.scoring import agreement, score
+from fgvlm.mcq import FINE_GRAINED_QUESTION, MCQItem
+from fgvlm.models.templates import IGNORE_INDEX, IMAGE_TOKEN_ID, LLAVA_CHAT_TEMPLATE
+from fgvlm.models.tiny import CHAT_TOKENS, materialize_random_clip, train_tokenizer
 from fgvlm.models.vlm import Connector, LlavaVLM, VisionTower
 from fgvlm.stages import world_corpus
 from fgvlm.train import Recipe, make_plan, train
@@ -368,7 +368,7 @@ def eval_model(
     generate_world(
         world, family="shapes", seed=0, image_size=32, train_per_class=2, test_per_class=2
     )
-    tokenizer = train_tokenizer(world_corpus([world]), family="llama")
+    tokenizer = train_tokenizer(world_corpus([world]), arch="llama")
     tokenizer.add_special_tokens(
         {"additional_special_tokens": [*CHAT_TOKENS, "<image>"]}, replace_extra_special_tokens=False
     )

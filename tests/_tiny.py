@@ -11,7 +11,7 @@ from torch import nn
 
 from fgvlm import stages
 from fgvlm.data.synthetic import generate_world
-from fgvlm.models.clip import materialize_random_clip
+from fgvlm.models.tiny import materialize_random_clip
 
 
 class FakeVLM(nn.Module):

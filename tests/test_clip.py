@@ -23,8 +23,8 @@ from fgvlm.models.clip import (
     encode_images,
     fetch_pretrained_clip,
     load_clip,
-    materialize_random_clip,
 )
+from fgvlm.models.tiny import contrastive_pretrain, materialize_random_clip
 
 TINY_CFG = Path(str(resources.files("fgvlm") / "resources" / "clip_configs" / "tiny-vit.json"))
 TEMPLATES = ["a photo of a {c}.", "a drawing of a {c}."]
@@ -367,7 +367,6 @@ def test_evaluate_clip_on_tiny_model_restricting_to_options_never_hurts(tiny):
 
 def test_contrastive_pretraining_learns_and_reloads(tmp_path):
     from fgvlm.data.synthetic import generate_world
-    from fgvlm.models.clip import contrastive_pretrain
     from fgvlm.stages import world_pairs
 
     world = tmp_path / "world"

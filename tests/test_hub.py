@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-import importlib
 import json
-import re
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -24,39 +20,20 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from fgvlm.evaluate.scoring import MCQItem, merge_parts, score, score_to_parts
+from fgvlm.evaluate.hub_runner import HubVLM, load_hub_vlm
+from fgvlm.evaluate.scoring import merge_parts, score, score_to_parts
+from fgvlm.mcq import MCQItem
 from fgvlm.models import hub
-from fgvlm.models.hub import (
-    HubVLM,
-    build_tiny_hub_vlm,
-    fetch_hub_vlm,
-    load_hub_vlm,
-    materialize_tiny_hub_vlm,
-)
+from fgvlm.models.hub import fetch_hub_vlm
+from fgvlm.models.tiny import build_tiny_hub_vlm, materialize_tiny_hub_vlm
 
-KINDS = ("llava", "qwen2_vl")
+ARCHS = ("llava", "qwen2_vl")
 SPECIAL = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>"]
 WORDS = (
     "what type of object is in this photo ? A B C D E . answer with the option 's letter from "
     "given choices directly user assistant red blue green square circle triangle small large"
 ).split()
 OPTIONS = ["red square", "blue circle", "green triangle", "small red circle", "large blue square"]
-
-
-@pytest.fixture(autouse=True)
-def _answers(monkeypatch):
-    """The package's extract_answer when it exists; a minimal stand-in while it is written."""
-    name = "fgvlm.evaluate.answers"
-    try:
-        importlib.import_module(name)
-    except ModuleNotFoundError as err:
-        if err.name != name:
-            raise
-        module = types.ModuleType(name)
-        module.extract_answer = lambda output, options: next(
-            (w for w in re.findall(r"[A-Z]+", output) if w in "ABCDE"[: len(options)]), None
-        )
-        monkeypatch.setitem(sys.modules, name, module)
 
 
 @pytest.fixture(scope="session")
@@ -82,14 +59,14 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hub")
-    for kind in KINDS:
-        materialize_tiny_hub_vlm(kind, root / kind, tokenizer_dir=tokenizer_dir, seed=0)
-    return {kind: root / kind for kind in KINDS}
+    for arch in ARCHS:
+        materialize_tiny_hub_vlm(arch, root / arch, tokenizer_dir=tokenizer_dir, seed=0)
+    return {arch: root / arch for arch in ARCHS}
 
 
 @pytest.fixture(scope="session")
 def tiny_vlms(tiny_dirs) -> dict[str, HubVLM]:
-    return {kind: load_hub_vlm(path) for kind, path in tiny_dirs.items()}
+    return {arch: load_hub_vlm(path) for arch, path in tiny_dirs.items()}
 
 
 def make_items(n: int, seed: int = 0) -> list[MCQItem]:
@@ -108,65 +85,65 @@ def make_items(n: int, seed: int = 0) -> list[MCQItem]:
     return items
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_save_load_round_trip_gives_identical_outputs(kind, tokenizer_dir, tiny_vlms):
-    model, processor = build_tiny_hub_vlm(kind, tokenizer_dir=tokenizer_dir, seed=0)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_round_trip_gives_identical_outputs(arch, tokenizer_dir, tiny_vlms):
+    model, processor = build_tiny_hub_vlm(arch, tokenizer_dir=tokenizer_dir, seed=0)
     in_memory = HubVLM(model, processor, name="in-memory")
     items = make_items(4)
-    assert in_memory.generate(items, max_new_tokens=5) == tiny_vlms[kind].generate(
+    assert in_memory.generate(items, max_new_tokens=5) == tiny_vlms[arch].generate(
         items, max_new_tokens=5
     )
     conts = [item.options for item in items]
     np.testing.assert_allclose(
         in_memory.continuation_logprobs(items, conts),
-        tiny_vlms[kind].continuation_logprobs(items, conts),
+        tiny_vlms[arch].continuation_logprobs(items, conts),
         rtol=0,
         atol=1e-5,
     )
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("arch", ARCHS)
 def test_materialize_is_deterministic_and_loads_like_a_released_model(
-    kind, tmp_path, tokenizer_dir, tiny_dirs, tiny_vlms
+    arch, tmp_path, tokenizer_dir, tiny_dirs, tiny_vlms
 ):
-    materialize_tiny_hub_vlm(kind, tmp_path / kind, tokenizer_dir=tokenizer_dir, seed=0)
-    names = sorted(p.name for p in tiny_dirs[kind].iterdir())
+    materialize_tiny_hub_vlm(arch, tmp_path / arch, tokenizer_dir=tokenizer_dir, seed=0)
+    names = sorted(p.name for p in tiny_dirs[arch].iterdir())
     assert {"config.json", "model.safetensors", "processor_config.json"} <= set(names)
     assert "chat_template.jinja" in names
     assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names)
     for name in names:
-        assert (tmp_path / kind / name).read_bytes() == (tiny_dirs[kind] / name).read_bytes()
+        assert (tmp_path / arch / name).read_bytes() == (tiny_dirs[arch] / name).read_bytes()
     expected = {
         "llava": "LlavaForConditionalGeneration",
         "qwen2_vl": "Qwen2VLForConditionalGeneration",
     }
-    assert type(tiny_vlms[kind].model).__name__ == expected[kind]
+    assert type(tiny_vlms[arch].model).__name__ == expected[arch]
     other = tmp_path / "other-seed"
-    materialize_tiny_hub_vlm(kind, other, tokenizer_dir=tokenizer_dir, seed=1)
+    materialize_tiny_hub_vlm(arch, other, tokenizer_dir=tokenizer_dir, seed=1)
     assert (other / "model.safetensors").read_bytes() != (
-        tiny_dirs[kind] / "model.safetensors"
+        tiny_dirs[arch] / "model.safetensors"
     ).read_bytes()
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_image_tokens_fit_32px_images(kind, tiny_vlms):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_image_tokens_fit_32px_images(arch, tiny_vlms):
     """32 px images: LLaVA 16 patch tokens (CLS dropped), Qwen2-VL 2 x 2 merged tokens (the
     processor's pixel range keeps 32 px instead of upscaling to its 56 px default minimum)."""
-    vlm = tiny_vlms[kind]
+    vlm = tiny_vlms[arch]
     (item,) = make_items(2)[1:]
     encoded = vlm.encode([item])
-    token = {"llava": "<image>", "qwen2_vl": "<|image_pad|>"}[kind]
+    token = {"llava": "<image>", "qwen2_vl": "<|image_pad|>"}[arch]
     count = int((encoded["input_ids"] == vlm.tokenizer.convert_tokens_to_ids(token)).sum())
-    assert count == {"llava": 16, "qwen2_vl": 4}[kind]
+    assert count == {"llava": 16, "qwen2_vl": 4}[arch]
     assert vlm.tokenizer.padding_side == "left"
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", ["generate", "letter_likelihood", "option_likelihood"])
-def test_predictions_do_not_depend_on_batch_size(kind, mode, tiny_vlms):
+def test_predictions_do_not_depend_on_batch_size(arch, mode, tiny_vlms):
     items = make_items(10)
     runs = {
-        size: score(tiny_vlms[kind], items, mode=mode, batch_size=size, max_new_tokens=4)
+        size: score(tiny_vlms[arch], items, mode=mode, batch_size=size, max_new_tokens=4)
         for size in (1, 3, 8)
     }
     reference = runs[1]
@@ -180,11 +157,11 @@ def test_predictions_do_not_depend_on_batch_size(kind, mode, tiny_vlms):
             )
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_generate_returns_the_greedy_continuation_only(kind, tiny_vlms):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_returns_the_greedy_continuation_only(arch, tiny_vlms):
     """Batched, cached, left-padded generation equals a plain argmax loop on one sequence
     (image placeholders excluded: a random tiny model does predict them)."""
-    vlm = tiny_vlms[kind]
+    vlm = tiny_vlms[arch]
     items = make_items(3)
     generated = vlm.generate(items, max_new_tokens=4)
     stop = set(vlm.model.generation_config.eos_token_id)
@@ -224,9 +201,9 @@ def manual_logprob(vlm: HubVLM, item: MCQItem, text: str) -> float:
     return float(sum(logp[n - 1 + t, token] for t, token in enumerate(cont)))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_continuation_logprobs_match_an_unpadded_forward_pass(kind, tiny_vlms):
-    vlm = tiny_vlms[kind]
+@pytest.mark.parametrize("arch", ARCHS)
+def test_continuation_logprobs_match_an_unpadded_forward_pass(arch, tiny_vlms):
+    vlm = tiny_vlms[arch]
     items = make_items(3)
     conts = [["small red circle", "A"], ["B", "C"], ["blue circle", "green triangle"]]
     batched = vlm.continuation_logprobs(items, conts)
@@ -253,12 +230,12 @@ def test_answer_prefix_starts_the_assistant_turn(tiny_dirs):
     )
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_killed_evaluation_resumes_with_identical_predictions(kind, tiny_vlms, tmp_path):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_killed_evaluation_resumes_with_identical_predictions(arch, tiny_vlms, tmp_path):
     items = make_items(7)
     answers = {item.qid: "A" for item in items}
     settings = {"mode": "generate", "batch_size": 2, "part_size": 3, "max_new_tokens": 4}
-    score_to_parts(tiny_vlms[kind], items, tmp_path / "full", **settings)
+    score_to_parts(tiny_vlms[arch], items, tmp_path / "full", **settings)
 
     class Killed(Exception):
         pass
@@ -279,8 +256,8 @@ def test_killed_evaluation_resumes_with_identical_predictions(kind, tiny_vlms, t
             raise AssertionError("not used in generate mode")
 
     with pytest.raises(Killed):  # stopped inside the third part
-        score_to_parts(Counting(tiny_vlms[kind], limit=6), items, tmp_path / "parts", **settings)
-    rerun = Counting(tiny_vlms[kind])
+        score_to_parts(Counting(tiny_vlms[arch], limit=6), items, tmp_path / "parts", **settings)
+    rerun = Counting(tiny_vlms[arch])
     counts = score_to_parts(rerun, items, tmp_path / "parts", **settings)
     assert counts == {"parts": 3, "computed": 1, "reused": 2}
     assert rerun.seen == ["q-006"]
@@ -406,13 +383,13 @@ def test_fetch_hub_vlm_refuses_pickle_only_repos(tmp_path, monkeypatch):
     assert not (tmp_path / "model").exists()
 
 
-def save_tiny_lm(family: str, tokenizer_dir: Path, out: Path) -> Path:
-    """A tiny causal LM of ``family`` with the test tokenizer, as materialize_tiny_llm saves it."""
+def save_tiny_lm(arch: str, tokenizer_dir: Path, out: Path) -> Path:
+    """A tiny causal LM of ``arch`` with the test tokenizer, as materialize_tiny_llm saves it."""
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
     config_cls, model_cls = {
         "qwen2": (Qwen2Config, Qwen2ForCausalLM),
         "llama": (LlamaConfig, LlamaForCausalLM),
-    }[family]
+    }[arch]
     torch.manual_seed(3)
     config = config_cls(
         vocab_size=len(tokenizer),
@@ -429,11 +406,11 @@ def save_tiny_lm(family: str, tokenizer_dir: Path, out: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize(("kind", "family"), [("llava", "llama"), ("qwen2_vl", "qwen2")])
-def test_language_model_initialised_from_a_tiny_lm(kind, family, tmp_path, tokenizer_dir):
-    lm_dir = save_tiny_lm(family, tokenizer_dir, tmp_path / "lm")
+@pytest.mark.parametrize(("arch", "lm_arch"), [("llava", "llama"), ("qwen2_vl", "qwen2")])
+def test_language_model_initialised_from_a_tiny_lm(arch, lm_arch, tmp_path, tokenizer_dir):
+    lm_dir = save_tiny_lm(lm_arch, tokenizer_dir, tmp_path / "lm")
     materialize_tiny_hub_vlm(
-        kind, tmp_path / "vlm", tokenizer_dir=lm_dir, seed=0, text_model_dir=lm_dir
+        arch, tmp_path / "vlm", tokenizer_dir=lm_dir, seed=0, text_model_dir=lm_dir
     )
     vlm = load_hub_vlm(tmp_path / "vlm")
     lm = AutoModelForCausalLM.from_pretrained(lm_dir)
@@ -453,6 +430,6 @@ def test_qwen2_vl_needs_a_qwen2_language_model(tmp_path, tokenizer_dir):
         materialize_tiny_hub_vlm(
             "qwen2_vl", tmp_path / "vlm", tokenizer_dir=lm_dir, seed=0, text_model_dir=lm_dir
         )
-    with pytest.raises(ValueError, match="unknown tiny hub VLM kind"):
+    with pytest.raises(ValueError, match="unknown tiny hub VLM architecture"):
         materialize_tiny_hub_vlm("idefics", tmp_path / "x", tokenizer_dir=tokenizer_dir, seed=0)
     assert not (tmp_path / "vlm").exists()

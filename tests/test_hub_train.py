@@ -14,10 +14,11 @@ from test_hub import make_items, tokenizer_dir  # noqa: F401  (a session fixture
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from fgvlm.evaluate.scoring import MCQItem
-from fgvlm.models.hub import HubVLM, load_hub_vlm, materialize_tiny_hub_vlm
+from fgvlm.evaluate.hub_runner import HubVLM, load_hub_vlm
+from fgvlm.mcq import MCQItem
 from fgvlm.models.hub_train import TrainableHubVLM, load_trainable_hub_vlm
 from fgvlm.models.templates import IGNORE_INDEX, TemplateMismatchError
+from fgvlm.models.tiny import materialize_tiny_hub_vlm
 from fgvlm.train import Recipe, make_plan, train
 
 QUESTION = "what type of object is in this photo ?"
@@ -300,7 +301,7 @@ def bpe_tokenizer_dir(tmp_path_factory) -> Path:
 def test_offsets_map_answers_through_a_byte_level_bpe_and_the_released_template(
     bpe_tokenizer_dir,
 ):
-    from fgvlm.models.hub import build_tiny_hub_vlm
+    from fgvlm.models.tiny import build_tiny_hub_vlm
 
     model, processor = build_tiny_hub_vlm("qwen2_vl", tokenizer_dir=bpe_tokenizer_dir, seed=0)
     processor.chat_template = QWEN2_VL_RELEASED_TEMPLATE

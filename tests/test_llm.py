@@ -10,13 +10,14 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fgvlm.models.llm as llm_module
-from fgvlm.models.llm import fetch_llm, materialize_tiny_llm, train_tokenizer
+from fgvlm.models.llm import fetch_llm
 from fgvlm.models.templates import (
     IGNORE_INDEX,
     TEMPLATE_NAMES,
     render_conversation,
     tokenize_conversation,
 )
+from fgvlm.models.tiny import materialize_tiny_llm, train_tokenizer
 
 COLOURS = ["red", "green", "blue", "azure", "crimson", "navy"]
 SHAPES = ["circle", "square", "triangle", "hexagon"]
@@ -38,16 +39,16 @@ CONVERSATION = [
 def tiny_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("llm")
     summaries = {}
-    for family in ("llama", "qwen2"):
-        summaries[family] = materialize_tiny_llm(
-            root / family, family=family, corpus=CORPUS, seed=0, text_pretrain_steps=25
+    for arch in ("llama", "qwen2"):
+        summaries[arch] = materialize_tiny_llm(
+            root / arch, arch=arch, corpus=CORPUS, seed=0, text_pretrain_steps=25
         )
     return root, summaries
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_tokenizer_serves_every_template_and_decodes_exactly(family):
-    tokenizer = train_tokenizer(CORPUS, family=family)
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tokenizer_serves_every_template_and_decodes_exactly(arch):
+    tokenizer = train_tokenizer(CORPUS, arch=arch)
     # corpus words are single tokens (short sequences, as a word-level vocabulary)
     for word in [" hexagon", " crimson", " background", "What"]:
         assert len(tokenizer.encode(word, add_special_tokens=False)) == 1, word
@@ -63,9 +64,9 @@ def test_tokenizer_serves_every_template_and_decodes_exactly(family):
     assert "<image>" not in tokenizer.get_vocab()  # the placeholder is never a token
 
 
-def test_family_special_tokens():
-    llama = train_tokenizer(CORPUS, family="llama")
-    qwen = train_tokenizer(CORPUS, family="qwen2")
+def test_architecture_special_tokens():
+    llama = train_tokenizer(CORPUS, arch="llama")
+    qwen = train_tokenizer(CORPUS, arch="qwen2")
     assert (llama.bos_token, llama.eos_token, llama.pad_token) == ("<s>", "</s>", "<pad>")
     # Llama tokenizers add <s> when asked for special tokens; Qwen2 has no beginning token
     assert llama.encode("red")[0] == llama.bos_token_id
@@ -77,31 +78,31 @@ def test_family_special_tokens():
     ]
     rendered = render_conversation("chatml", CONVERSATION[:2], bos=None, eos=None)
     assert qwen.apply_chat_template(messages, tokenize=False) == rendered
-    with pytest.raises(ValueError, match="unknown LLM family 'gpt2'"):
-        train_tokenizer(CORPUS, family="gpt2")
+    with pytest.raises(ValueError, match="unknown LLM architecture 'gpt2'"):
+        train_tokenizer(CORPUS, arch="gpt2")
 
 
 def test_tokenizer_training_is_deterministic():
-    first = train_tokenizer(CORPUS, family="qwen2").backend_tokenizer.to_str()
-    assert train_tokenizer(CORPUS, family="qwen2").backend_tokenizer.to_str() == first
+    first = train_tokenizer(CORPUS, arch="qwen2").backend_tokenizer.to_str()
+    assert train_tokenizer(CORPUS, arch="qwen2").backend_tokenizer.to_str() == first
 
 
 def test_materialized_llm_loads_and_learned_the_corpus(tiny_dirs):
     root, summaries = tiny_dirs
-    for family, tied in [("llama", False), ("qwen2", True)]:
-        summary = summaries[family]
+    for arch, tied in [("llama", False), ("qwen2", True)]:
+        summary = summaries[arch]
         assert summary["final_loss"] < 0.5 * summary["first_loss"]
-        model = AutoModelForCausalLM.from_pretrained(root / family)
-        tokenizer = AutoTokenizer.from_pretrained(root / family)
+        model = AutoModelForCausalLM.from_pretrained(root / arch)
+        tokenizer = AutoTokenizer.from_pretrained(root / arch)
         config = model.config
-        assert config.model_type == family
+        assert config.model_type == arch
         assert (config.hidden_size, config.num_hidden_layers) == (96, 2)
         assert (config.num_attention_heads, config.num_key_value_heads) == (4, 2)
         assert config.vocab_size == len(tokenizer)
         assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
         assert summary["params"] == sum(p.numel() for p in model.parameters())
         assert summary["params"] < 1_000_000
-        assert {p.name for p in (root / family).iterdir()} >= {
+        assert {p.name for p in (root / arch).iterdir()} >= {
             "config.json",
             "model.safetensors",
             "tokenizer.json",
@@ -117,7 +118,7 @@ def test_materialized_llm_loads_and_learned_the_corpus(tiny_dirs):
 
 
 def test_materialize_is_deterministic_per_seed(tmp_path):
-    kwargs = {"family": "qwen2", "corpus": CORPUS, "text_pretrain_steps": 5}
+    kwargs = {"arch": "qwen2", "corpus": CORPUS, "text_pretrain_steps": 5}
     for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
         materialize_tiny_llm(tmp_path / name, seed=seed, **kwargs)
     weights = "model.safetensors"
@@ -131,9 +132,7 @@ def test_materialize_leaves_the_global_rng_alone(tmp_path):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    materialize_tiny_llm(
-        tmp_path / "m", family="llama", corpus=CORPUS, seed=0, text_pretrain_steps=2
-    )
+    materialize_tiny_llm(tmp_path / "m", arch="llama", corpus=CORPUS, seed=0, text_pretrain_steps=2)
     assert torch.equal(torch.rand(3), expected)
 
 

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from fgvlm.io import write_parquet
+from fgvlm.mcq import FINE_GRAINED_QUESTION
 from fgvlm.mining import (
-    QUESTION,
     QUESTION_SCHEMA,
     build_questions,
     hard_negatives,
@@ -22,8 +22,8 @@ from fgvlm.models.clip import (
     encode_class_prompts,
     encode_images,
     load_clip,
-    materialize_random_clip,
 )
+from fgvlm.models.tiny import materialize_random_clip
 
 TINY_CFG = Path(str(resources.files("fgvlm") / "resources" / "clip_configs" / "tiny-vit.json"))
 
@@ -81,7 +81,7 @@ def test_build_questions_follows_the_contract():
     assert frame.schema == pl.Schema(QUESTION_SCHEMA)
     assert frame["qid"].to_list() == [f"flowers-{i:06d}" for i in range(len(keys))]
     assert frame["image"].to_list() == keys
-    assert set(frame["question"]) == {QUESTION}
+    assert set(frame["question"]) == {FINE_GRAINED_QUESTION}
     negatives = hard_negatives(similarity, labels)
     for i, row in enumerate(frame.iter_rows(named=True)):
         assert row["label"] == labels[i] and row["classname"] == names[labels[i]]

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from fgvlm.evaluate.prompts import (
-    FINE_GRAINED_QUESTION,
     STYLE_BY_FAMILY,
     STYLES,
     family_of_repo,
@@ -15,6 +14,7 @@ from fgvlm.evaluate.prompts import (
     mcq_prompt,
     style_for,
 )
+from fgvlm.mcq import FINE_GRAINED_QUESTION
 
 OPTIONS = ["tulip", "rose", "daisy", "sunflower", "orchid"]
 LINES = "A. tulip\nB. rose\nC. daisy\nD. sunflower\nE. orchid"

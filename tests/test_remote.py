@@ -22,10 +22,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, PreTrainedTokenizerFast
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
+from fgvlm.evaluate import remote_runners
+from fgvlm.evaluate.remote_runners import load_remote_vlm
 from fgvlm.evaluate.runners import load_runner
-from fgvlm.evaluate.scoring import MCQItem
-from fgvlm.models import remote
-from fgvlm.models.remote import FAMILIES, load_remote_vlm
+from fgvlm.mcq import MCQItem
+from fgvlm.models.remote import FAMILIES
 
 SPECIAL = [
     "<unk>",
@@ -588,7 +589,7 @@ def fake_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def adapters(fake_dirs) -> dict[str, remote.RemoteVLM]:
+def adapters(fake_dirs) -> dict[str, remote_runners.RemoteVLM]:
     return {
         family: load_remote_vlm(folder, family, trust_remote_code=True, name=f"hub-{family}")
         for family, folder in fake_dirs.items()
@@ -706,15 +707,15 @@ def test_continuation_logprobs_match_manual_forward(adapters, family):
 def test_internvl_prompt_and_tiles(adapters):
     adapter = adapters["internvl2"]
     item = _items()[3]  # 100 x 50 px: a 2 x 1 grid plus the thumbnail
-    pixels = remote.internvl_pixels(item.image, adapter.tile, adapter.max_tiles)
+    pixels = remote_runners.internvl_pixels(item.image, adapter.tile, adapter.max_tiles)
     assert tuple(pixels.shape) == (3, 3, 28, 28)
     query = adapter.query(item, pixels.shape[0])
     context = "<IMG_CONTEXT>" * (adapter.model.num_image_token * 3)
     assert f"<img>{context}</img>\nwhat type" in query
     assert query.startswith("<|im_start|>system\nyou are a helpful assistant<|im_end|>")
     assert query.endswith("<|im_end|><|im_start|>assistant\n")
-    assert remote.internvl_grid(28, 28, 28, 6) == (1, 1)
-    assert remote.internvl_grid(300, 100, 28, 6) == (3, 1)
+    assert remote_runners.internvl_grid(28, 28, 28, 6) == (1, 1)
+    assert remote_runners.internvl_grid(300, 100, 28, 6) == (3, 1)
 
 
 def test_phi3_and_molmo_prompts(adapters):
@@ -759,5 +760,5 @@ def test_load_runner_dispatches_remote_families(fake_dirs):
         "trust_remote_code": True,
     }
     runner = load_runner(spec, fake_dirs["cogvlm"])
-    assert isinstance(runner, remote.CogVLMVLM)
+    assert isinstance(runner, remote_runners.CogVLMVLM)
     assert runner.name == "hub-cogvlm_chat"

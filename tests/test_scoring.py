@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
-import re
-import sys
-import types
-
 import polars as pl
 import pytest
 
 from fgvlm.evaluate import scoring
+from fgvlm.evaluate.prompts import mcq_prompt
 from fgvlm.evaluate.scoring import (
-    MCQItem,
-    MCQModel,
     agreement,
     evaluate_mcq,
     files_fingerprint,
@@ -23,39 +17,7 @@ from fgvlm.evaluate.scoring import (
     score,
     score_to_parts,
 )
-
-
-def _standin_extract_answer(output: str, options: list[str]) -> str | None:
-    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[: len(options)]
-    return next((word for word in re.findall(r"[A-Za-z]+", output) if word in letters), None)
-
-
-def _standin_mcq_prompt(question, options, *, hint=None, style="llava"):
-    lines = [f"{chr(65 + i)}. {option}" for i, option in enumerate(options)]
-    return "\n".join([*([hint] if hint else []), question, *lines])
-
-
-def use_package_or_standins(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The package's answers/prompts modules when they exist; minimal stand-ins otherwise, so
-    these tests run while those modules are written concurrently."""
-    standins = {
-        "fgvlm.evaluate.answers": {"extract_answer": _standin_extract_answer},
-        "fgvlm.evaluate.prompts": {"mcq_prompt": _standin_mcq_prompt},
-    }
-    for name, attrs in standins.items():
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:
-                raise
-            module = types.ModuleType(name)
-            module.__dict__.update(attrs)
-            monkeypatch.setitem(sys.modules, name, module)
-
-
-@pytest.fixture(autouse=True)
-def _helpers(monkeypatch):
-    use_package_or_standins(monkeypatch)
+from fgvlm.mcq import MCQItem, MCQModel
 
 
 class FakeModel:
@@ -281,8 +243,6 @@ def test_evaluate_mcq_reports_agreement_with_generate(tmp_path):
 def test_question_items_build_prompts_from_records():
     record = {"qid": "b-000001", "question": "What is it?", "options": ["cat", "dog"], "hint": "h"}
     (item,) = question_items([(record, None)], style="llava")
-    from fgvlm.evaluate.prompts import mcq_prompt
-
     assert item == MCQItem(
         "b-000001",
         None,

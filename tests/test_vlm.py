@@ -13,8 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from fgvlm.models.clip import load_clip, materialize_random_clip
-from fgvlm.models.llm import materialize_tiny_llm
+from fgvlm.models.clip import load_clip
 from fgvlm.models.templates import (
     IGNORE_INDEX,
     IMAGE_TOKEN_ID,
@@ -24,6 +23,7 @@ from fgvlm.models.templates import (
     stop_token_ids,
     tokenize_conversation,
 )
+from fgvlm.models.tiny import materialize_random_clip, materialize_tiny_llm
 from fgvlm.models.vlm import (
     Collator,
     Connector,
@@ -74,7 +74,7 @@ def dirs(tmp_path_factory) -> dict[str, Path]:
     materialize_random_clip(TINY_CFG, root / "clip", seed=0)
     for family in ("llama", "qwen2"):
         materialize_tiny_llm(
-            root / family, family=family, corpus=CORPUS, seed=0, text_pretrain_steps=30
+            root / family, arch=family, corpus=CORPUS, seed=0, text_pretrain_steps=30
         )
     return {"root": root, "clip": root / "clip", "llama": root / "llama", "qwen2": root / "qwen2"}
 
@@ -135,7 +135,7 @@ def test_connector_is_mlp2x_gelu():
 def test_build_checks_the_template_against_the_tokenizer(dirs, tmp_path):
     materialize_tiny_llm(
         tmp_path / "plain_only",
-        family="llama",
+        arch="llama",
         corpus=CORPUS,
         seed=0,
         text_pretrain_steps=1,

@@ -14,11 +14,11 @@ from PIL import Image
 from fgvlm import stages
 from fgvlm.data.shards import write_conversation_shards
 from fgvlm.data.synthetic import generate_world
-from fgvlm.evaluate.prompts import FINE_GRAINED_QUESTION
 from fgvlm.evaluate.runners import LlavaRunner
-from fgvlm.evaluate.scoring import MCQItem, score
+from fgvlm.evaluate.scoring import score
+from fgvlm.mcq import FINE_GRAINED_QUESTION, MCQItem
 from fgvlm.mining import build_questions
-from fgvlm.models.clip import materialize_random_clip
+from fgvlm.models.tiny import materialize_random_clip
 from fgvlm.models.vlm import load_vlm
 
 ROOT = Path(__file__).resolve().parents[1]

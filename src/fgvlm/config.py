@@ -19,7 +19,6 @@ import jsonschema
 import yaml
 
 SCHEMA_RESOURCE = "config.schema.yaml"
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # Ablation rows whose data is the base VLM's own (released Qwen2-VL, say) say so with these words.
 NO_DATA = ("none", "builtin")
 ARCH_LABELS = {"llava": "LLaVA", "qwen2_vl": "Qwen2-VL"}

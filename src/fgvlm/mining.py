@@ -7,7 +7,6 @@ correct class into lettered options.
 
 from __future__ import annotations
 
-import string
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,11 +15,11 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
+from fgvlm.mcq import FINE_GRAINED_QUESTION, LETTERS, N_OPTIONS
+
 if TYPE_CHECKING:
     from fgvlm.models.clip import LoadedClip
 
-QUESTION = "What type of object is in this photo?"
-LETTERS = string.ascii_uppercase
 MANIFEST_COLUMNS = ("key", "path", "label", "classname")
 
 QUESTION_SCHEMA = {
@@ -53,7 +52,7 @@ def _check_labels(labels: np.ndarray, n_rows: int, n_classes: int) -> np.ndarray
 def hard_negatives(
     similarity: np.ndarray,
     labels: np.ndarray,
-    k: int = 4,
+    k: int = N_OPTIONS - 1,
     allowed: np.ndarray | None = None,
 ) -> np.ndarray:
     """The ``k`` most similar wrong classes per image.
@@ -101,7 +100,7 @@ def build_questions(
     *,
     benchmark: str,
     seed: int,
-    k: int = 4,
+    k: int = N_OPTIONS - 1,
     allowed: np.ndarray | None = None,
 ) -> pl.DataFrame:
     """Multiple-choice questions, one per image, in the order of ``keys``.
@@ -133,7 +132,7 @@ def build_questions(
         {
             "qid": [f"{benchmark}-{i:06d}" for i in range(len(keys))],
             "image": list(keys),
-            "question": [QUESTION] * len(keys),
+            "question": [FINE_GRAINED_QUESTION] * len(keys),
             "options": names[option_labels].tolist(),
             "option_labels": option_labels.tolist(),
             "answer": [LETTERS[i] for i in answer_index],
@@ -192,7 +191,7 @@ def mine_questions(
     classnames: list[str],
     templates: list[str],
     seed: int,
-    k: int = 4,
+    k: int = N_OPTIONS - 1,
     batch_size: int = 64,
     device: str = "cpu",
     workers: int = 0,
@@ -207,7 +206,7 @@ def mine_questions(
     _check_manifest(manifest, classnames, benchmark)
     paths = manifest["path"].to_list()
     images = _Sized(_open_images(paths), len(paths))
-    # open_clip (and torchvision) load here, not on import: scoring imports this module's LETTERS
+    # open_clip (and torchvision) load here, not on import: building questions needs neither
     from fgvlm.models.clip import encode_class_prompts, encode_images
 
     image_emb = encode_images(clip, images, batch_size, device, workers=workers)

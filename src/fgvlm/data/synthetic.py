@@ -23,14 +23,11 @@ from PIL import Image, ImageChops, ImageDraw
 from tqdm import tqdm
 
 from fgvlm.io import atomic_path
+from fgvlm.mcq import FINE_GRAINED_QUESTION, LETTERS, LLAVA_MCQ_INSTRUCTION, N_OPTIONS
 
 SUPERSAMPLE = 4  # draw at 4x and box-downsample: anti-aliased edges without alpha fringes
 NOISE_SIGMA = 6.0  # per-pixel Gaussian noise (0-255 scale) added at the final resolution
 MC_FRACTION = 0.3  # share of train images whose instruction is a 5-option multiple choice
-N_OPTIONS = 5
-LETTERS = "ABCDEFGHI"
-MC_QUESTION = "What type of object is in this photo?"
-MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 
 RGB = tuple[int, int, int]
 Drawer = Callable[[dict[str, str], np.random.Generator, int], tuple[Image.Image, dict[str, str]]]
@@ -437,7 +434,7 @@ def _conversation(
     if kind < mc_fraction:
         options, answer = _mc_options(classes, label, rng)
         lines = [f"{LETTERS[i]}. {family.class_name(classes[o])}" for i, o in enumerate(options)]
-        prompt = "\n".join([MC_QUESTION, *lines, MC_SUFFIX])
+        prompt = "\n".join([FINE_GRAINED_QUESTION, *lines, LLAVA_MCQ_INSTRUCTION])
         return [
             {"from": "human", "value": f"<image>\n{prompt}"},
             {"from": "gpt", "value": LETTERS[answer]},
@@ -446,14 +443,14 @@ def _conversation(
         question = str(
             rng.choice(
                 [
-                    MC_QUESTION,
+                    FINE_GRAINED_QUESTION,
                     "What is the object in this image?",
                     "What is shown in this picture?",
                     f"Identify the {family.noun} in the image.",
                 ]
             )
         )
-        answer = name if question == MC_QUESTION else f"It is {_article(name)} {name}."
+        answer = name if question == FINE_GRAINED_QUESTION else f"It is {_article(name)} {name}."
         return [
             {"from": "human", "value": f"<image>\n{question}"},
             {"from": "gpt", "value": answer},

@@ -17,8 +17,11 @@ import numpy as np
 import polars as pl
 from PIL import Image, ImageDraw
 
-from fgvlm.data.synthetic import LETTERS, RGB, SUPERSAMPLE, _finish, _jitter, _polygon
+from fgvlm.data.synthetic import RGB, SUPERSAMPLE, _finish, _jitter, _polygon
 from fgvlm.io import atomic_path
+from fgvlm.mcq import LETTERS
+
+MMMU_OPTION_COLUMNS = 9  # VLMEvalKit's MMMU TSV has option columns A-I
 
 # ---------------------------------------------------------------- general VQA (VLMEvalKit TSV)
 VQA_COLOURS: dict[str, RGB] = {
@@ -190,7 +193,7 @@ def _vqa_items(style: str, n_questions: int, image_size: int, seed: int) -> list
 
 def _vqa_row(style: str, item: dict, split: str, rng: np.random.Generator) -> dict[str, Any]:
     """One TSV row of ``style`` from a question item."""
-    letters = LETTERS if style == "mmmu" else LETTERS[:4]
+    letters = LETTERS[:MMMU_OPTION_COLUMNS] if style == "mmmu" else LETTERS[:4]
     options = {letter: None for letter in letters}
     options.update(zip(LETTERS, item["options"], strict=False))
     category, l2_category = VQA_CATEGORIES[style][item["kind"]]

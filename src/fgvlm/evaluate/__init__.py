@@ -1,4 +1,5 @@
-"""Evaluation: answer extraction, prompts, scoring modes, metrics and the CLIP baselines."""
+"""Evaluation: answer extraction, prompts, scoring modes, the VLM runners, metrics and the CLIP
+baselines."""
 
 from fgvlm.evaluate.answers import extract_answer
 

@@ -1,5 +1,5 @@
 """Per-class side report of one evaluation: which classes a model gets right, and what it
-mistakes them for (issue 4, item 4: "per-class accuracy and the most confused class pairs").
+mistakes them for (per-class accuracy and the most confused class pairs).
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ Anything else is ``None`` (counted as wrong, and reported as the unparsable rate
 from __future__ import annotations
 
 import re
-import string
+
+from fgvlm.mcq import LETTERS
 
 CONFLICT = "!"  # marker: an asserted letter contradicted by the option text that follows it
 WORD_LETTERS = frozenset("ai")  # single letters that are also English words (article, pronoun)
@@ -104,7 +105,7 @@ def _judge(text: str, end: int, letter: str, wrapped: bool, options: list[str], 
     ``cued``: the token follows an answer cue (mid-sentence), so a capital "A" before a word is
     the letter ("The answer is A because…"); at the start of the output it is the article.
     """
-    index = string.ascii_uppercase.index(letter.upper())
+    index = LETTERS.index(letter.upper())
     if index >= len(options):
         return None
     rest = text[end:]
@@ -165,7 +166,7 @@ def _opening_letters(text: str, options: list[str]) -> list[str]:
         return []
     letter, wrapped = _token_letter(token)
     rest = text[token.end() :]
-    own = string.ascii_uppercase.index(letter.upper())
+    own = LETTERS.index(letter.upper())
     if wrapped or re.fullmatch(r"[.:)\]]?\s*", rest):  # "(b) …", "B", "b."
         verdict = _judge(text, token.end(), letter, True, options, True)
     elif re.match(r"[.:)\]]\s", rest):  # "B. tulip"; lower case only as "b) …" or "b. <its text>"
@@ -207,7 +208,7 @@ def _standalone_letters(text: str, options: list[str]) -> list[str]:
     found = []
     for match in _STANDALONE.finditer(masked):
         letter = match.group(1) or match.group(2)
-        index = string.ascii_uppercase.index(letter.upper())
+        index = LETTERS.index(letter.upper())
         if index >= len(options) or _NEGATED.search(masked[: match.start()]):
             continue
         if match.group(2) and letter.lower() in WORD_LETTERS:
@@ -244,7 +245,7 @@ def _option_text_match(text: str, options: list[str]) -> str | None:
     survivors = [i for i, found in spans.items() if not all(inside_longer(i, s) for s in found)]
     if len(survivors) != 1:
         return None
-    return string.ascii_uppercase[survivors[0]]
+    return LETTERS[survivors[0]]
 
 
 def extract_answer(output: str, options: list[str]) -> str | None:
@@ -253,7 +254,7 @@ def extract_answer(output: str, options: list[str]) -> str | None:
     In: the model's raw text and the question's option texts in letter order.
     Out: an upper-case letter of the options, or ``None`` (unparsable or self-contradictory).
     """
-    if not options or len(options) > len(string.ascii_uppercase):
+    if not options or len(options) > len(LETTERS):
         raise ValueError(f"extract_answer: need 1 to 26 options, got {len(options)}")
     text = _clean(output)
     if not text:

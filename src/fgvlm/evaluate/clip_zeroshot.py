@@ -15,7 +15,7 @@ import polars as pl
 from PIL import Image
 
 from fgvlm.evaluate.metrics import accuracy, bootstrap_ci, mean_per_class_accuracy, summarize
-from fgvlm.mining import LETTERS
+from fgvlm.mcq import LETTERS
 from fgvlm.models.clip import LoadedClip, encode_class_prompts, encode_images
 
 PREDICTION_SCHEMA = {

@@ -11,10 +11,8 @@ every benchmark here is English.
 
 from __future__ import annotations
 
-import string
+from fgvlm.mcq import LETTERS, LLAVA_MCQ_INSTRUCTION
 
-FINE_GRAINED_QUESTION = "What type of object is in this photo?"
-LLAVA_MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 VLMEVALKIT_MCQ_INSTRUCTION = "Please select the correct answer from the options above."
 
 # style -> where VLMEvalKit builds that wording
@@ -83,9 +81,11 @@ def format_options(options: list[str], *, separator: str = ". ") -> str:
     """Options as lettered lines: ["x", "y"] -> "A. x\\nB. y"."""
     if not options:
         raise ValueError("format_options: no options")
-    if len(options) > len(string.ascii_uppercase):
-        raise ValueError(f"format_options: {len(options)} options, at most 26 have letters")
-    return "\n".join(f"{string.ascii_uppercase[i]}{separator}{o}" for i, o in enumerate(options))
+    if len(options) > len(LETTERS):
+        raise ValueError(
+            f"format_options: {len(options)} options, at most {len(LETTERS)} have letters"
+        )
+    return "\n".join(f"{LETTERS[i]}{separator}{o}" for i, o in enumerate(options))
 
 
 def family_of_repo(repo: str) -> str:

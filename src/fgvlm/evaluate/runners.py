@@ -1,8 +1,9 @@
-"""VLM runners behind one interface (``fgvlm.evaluate.scoring.MCQModel``).
+"""VLM runners behind one interface (``fgvlm.mcq.MCQModel``).
 
 - ``LlavaRunner``: the project's own LLaVA-style checkpoints (``fgvlm.models.vlm``), prompted in
   their chat template with the image placeholder before the question, as LLaVA-1.5 does.
-- ``fgvlm.models.hub.HubVLM``: released VLMs through transformers.
+- ``fgvlm.evaluate.hub_runner.HubVLM``: released VLMs through transformers.
+- ``fgvlm.evaluate.remote_runners``: released VLMs that ship their own modelling code.
 
 ``load_runner`` picks one from a model spec; ``question_source`` turns a benchmark (question
 shards or a VLMEvalKit TSV) into items and answers.
@@ -10,14 +11,15 @@ shards or a VLMEvalKit TSV) into items and answers.
 
 from __future__ import annotations
 
-import io as _io
 from collections.abc import Callable, Iterator
+from io import BytesIO
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from fgvlm.evaluate.scoring import MCQItem
+from fgvlm.evaluate.prompts import ASSISTANT_PREFIX
+from fgvlm.mcq import MCQItem
 from fgvlm.models.templates import IMAGE_PLACEHOLDER, answer_ids, prompt_ids
 
 
@@ -63,17 +65,19 @@ def load_runner(spec: dict, model_dir: Path, *, device: str = "cpu"):
 
     Hub specs with ``trust_remote_code`` and a family of ``fgvlm.models.remote.FAMILIES``
     (InternVL2, Phi-3-vision, Molmo, CogVLM: each its own model API) load through
-    ``fgvlm.models.remote``; every other hub spec through ``fgvlm.models.hub``.
+    ``fgvlm.evaluate.remote_runners``; every other hub spec through
+    ``fgvlm.evaluate.hub_runner``.
     """
     if spec["kind"] == "trained":
         from fgvlm.models.vlm import load_vlm
 
         return LlavaRunner(load_vlm(model_dir, device=device), spec["name"])
     if spec["kind"] == "hub":
-        from fgvlm.evaluate.prompts import ASSISTANT_PREFIX
-        from fgvlm.models.remote import FAMILIES, load_remote_vlm
+        from fgvlm.models.remote import FAMILIES
 
         if spec.get("trust_remote_code") and spec.get("family") in FAMILIES:
+            from fgvlm.evaluate.remote_runners import load_remote_vlm
+
             return load_remote_vlm(
                 model_dir,
                 spec["family"],
@@ -83,7 +87,7 @@ def load_runner(spec: dict, model_dir: Path, *, device: str = "cpu"):
                 name=spec["name"],
                 processor_kwargs=spec.get("processor_kwargs"),
             )
-        from fgvlm.models.hub import load_hub_vlm
+        from fgvlm.evaluate.hub_runner import load_hub_vlm
 
         return load_hub_vlm(
             model_dir,
@@ -128,7 +132,7 @@ def question_source(
 
         def stream() -> Iterator[tuple[dict, Image.Image]]:
             for record in records:
-                with Image.open(_io.BytesIO(record["image"])) as image:
+                with Image.open(BytesIO(record["image"])) as image:
                     yield record, image.convert("RGB")
 
         return stream, answers, counts

@@ -1,8 +1,8 @@
 """Model-agnostic scoring of multiple-choice questions, batched and resumable.
 
-Every VLM runner (the project's own checkpoints, hub VLMs) implements ``MCQModel``: greedy
+Every VLM runner (``fgvlm.evaluate.runners``) implements ``fgvlm.mcq.MCQModel``: greedy
 generation and continuation log-probabilities. On top of those two calls this module scores
-questions in three modes (issue 4, item 5):
+questions in three modes:
 
 - ``generate``: the paper's protocol: a greedy answer of at most ``max_new_tokens`` tokens,
   then ``fgvlm.evaluate.answers.extract_answer`` (None when no option can be read from it).
@@ -30,16 +30,18 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import polars as pl
 from PIL import Image
 from tqdm import tqdm
 
+from fgvlm.evaluate.answers import extract_answer
+from fgvlm.evaluate.prompts import cloze_prompt, mcq_prompt
 from fgvlm.io import write_parquet
-from fgvlm.mining import LETTERS
+from fgvlm.mcq import MCQItem, MCQModel, option_letters
 
 log = logging.getLogger(__name__)
 
@@ -56,53 +58,9 @@ PART_SCHEMA = {
 }
 
 
-@dataclass(frozen=True)
-class MCQItem:
-    """One multiple-choice question as a model sees it.
-
-    ``prompt`` is the full user text (question, lettered options, the answer instruction);
-    the runner adds its chat template and places ``image`` (None: a text-only question).
-    ``cloze_prompt`` (optional) is the question alone, after which ``option_likelihood``
-    scores each option's text.
-    """
-
-    qid: str
-    image: Image.Image | None
-    prompt: str
-    options: list[str]
-    cloze_prompt: str | None = None
-
-
-@runtime_checkable
-class MCQModel(Protocol):
-    """What a VLM runner implements so that every scoring mode works with it."""
-
-    name: str
-
-    def generate(self, items: list[MCQItem], *, max_new_tokens: int) -> list[str]:
-        """Greedy answers (new text only), one per item, independent of the batch size."""
-        ...
-
-    def continuation_logprobs(
-        self, items: list[MCQItem], continuations: list[list[str]]
-    ) -> list[list[float]]:
-        """Per item, the summed token log-probabilities of each continuation as the model's
-        answer right after the prompt (its chat template's answer prefix included)."""
-        ...
-
-
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown scoring mode {mode!r}; choose one of {MODES}")
-
-
-def option_letters(item: MCQItem) -> list[str]:
-    """The letters of ``item``'s options: "A", "B", ... (at least two options, at most 26)."""
-    if not 2 <= len(item.options) <= len(LETTERS):
-        raise ValueError(
-            f"question {item.qid}: needs 2 to {len(LETTERS)} options, got {len(item.options)}"
-        )
-    return list(LETTERS[: len(item.options)])
 
 
 def _argmax(scores: Sequence[float], qid: str) -> int:
@@ -141,8 +99,6 @@ def score_batch(
     """
     _check_mode(mode)
     if mode == "generate":
-        from fgvlm.evaluate.answers import extract_answer  # another module of this package
-
         outputs = model.generate(items, max_new_tokens=max_new_tokens)
         if len(outputs) != len(items):
             raise ValueError(f"model returned {len(outputs)} answers for {len(items)} questions")
@@ -451,8 +407,6 @@ def question_items(
     ``option_likelihood`` scores the options after: ``cloze`` (the hint and question alone,
     ``cloze_prompt``) or ``listed`` (the full prompt).
     """
-    from fgvlm.evaluate.prompts import cloze_prompt, mcq_prompt  # this package's prompts
-
     if option_prompt not in OPTION_PROMPTS:
         raise ValueError(f"option_prompt {option_prompt!r}: choose one of {OPTION_PROMPTS}")
 

@@ -7,8 +7,9 @@ A weights directory holds ``open_clip_model.safetensors`` and ``clip.json``::
      "preprocess": {"mean": [...], "std": [...], "interpolation": "bicubic", "resize_mode": "shortest"},
      "quick_gelu": false}
 
-Random tiny models (``materialize_random_clip``) and hub weights (``fetch_pretrained_clip``)
-produce the same layout, and ``load_clip`` reads both through the same open_clip call.
+Hub weights (``fetch_pretrained_clip``) and the demo's tiny CLIPs
+(``fgvlm.models.tiny.materialize_random_clip``) produce the same layout, and ``load_clip``
+reads both through the same open_clip call.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class LoadedClip:
     name: str
 
 
-def _preprocess_entry(cfg: dict[str, Any]) -> dict[str, Any]:
+def preprocess_entry(cfg: dict[str, Any]) -> dict[str, Any]:
     """Pick the preprocessing keys of an open_clip (pretrained or model) preprocess config."""
     missing = [key for key in PREPROCESS_KEYS if key not in cfg]
     if missing:
@@ -70,13 +71,13 @@ def _preprocess_entry(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _save_state_dict(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+def save_state_dict(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     """Save tensors as safetensors; clone so shared or strided storage is accepted."""
     tensors = {key: value.detach().cpu().contiguous().clone() for key, value in state_dict.items()}
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def _register_model_config(arch: str, model_cfg: dict[str, Any]) -> None:
+def register_model_config(arch: str, model_cfg: dict[str, Any]) -> None:
     """Make ``arch`` known to open_clip with ``model_cfg`` (open_clip keys configs by file stem)."""
     if not all(key in model_cfg for key in ("embed_dim", "vision_cfg", "text_cfg")):
         raise ValueError(f"model config for {arch!r} needs embed_dim, vision_cfg and text_cfg")
@@ -89,45 +90,6 @@ def _register_model_config(arch: str, model_cfg: dict[str, Any]) -> None:
         path.write_text(json.dumps(model_cfg))
         # the registry keeps the parsed config after the file is gone
         open_clip.add_model_config(path)
-
-
-def _read_model_config(model_cfg_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Read a plain open_clip model config, or an ``open_clip_config.json`` with
-    ``model_cfg``/``preprocess_cfg``; return (model_cfg, preprocess overrides)."""
-    if not model_cfg_path.is_file():
-        raise FileNotFoundError(f"CLIP model config not found: {model_cfg_path}")
-    data = read_json(model_cfg_path)
-    if "model_cfg" in data:
-        return data["model_cfg"], data.get("preprocess_cfg", {})
-    return data, {}
-
-
-def materialize_random_clip(model_cfg_path: Path, out_dir: Path, seed: int) -> None:
-    """Build a randomly initialised CLIP from an open_clip JSON model config and save it.
-
-    In: ``model_cfg_path`` (its file stem becomes the architecture name), ``seed``.
-    Out: ``out_dir`` with ``open_clip_model.safetensors`` + ``clip.json``, written atomically;
-    the same config and seed give the same bytes.
-    """
-    model_cfg_path = Path(model_cfg_path)
-    arch = model_cfg_path.stem
-    model_cfg, preprocess_overrides = _read_model_config(model_cfg_path)
-    _register_model_config(arch, model_cfg)
-    # a private RNG state: materializing must not disturb the caller's random stream
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = open_clip.create_model(arch, pretrained=None, pretrained_text=False)
-    preprocess = {**model.visual.preprocess_cfg, **preprocess_overrides}
-    entry = {
-        "arch": arch,
-        "pretrained": None,
-        "model_cfg": model_cfg,
-        "preprocess": _preprocess_entry(preprocess),
-        "quick_gelu": bool(model_cfg.get("quick_gelu", False)),
-    }
-    with atomic_path(out_dir, is_dir=True) as tmp:
-        _save_state_dict(model.state_dict(), tmp / WEIGHTS_FILE)
-        write_json(entry, tmp / CONFIG_FILE)
 
 
 def _hub_location(arch: str, tag: str) -> tuple[dict[str, Any], str, str | None]:
@@ -181,7 +143,7 @@ def fetch_pretrained_clip(arch: str, tag: str, out_dir: Path, revision: str | No
         "arch": arch,
         "pretrained": tag,
         "model_cfg": None,
-        "preprocess": _preprocess_entry(cfg),
+        "preprocess": preprocess_entry(cfg),
         "quick_gelu": bool(cfg.get("quick_gelu", False)),
     }
     with atomic_path(out_dir, is_dir=True) as tmp:
@@ -191,7 +153,7 @@ def fetch_pretrained_clip(arch: str, tag: str, out_dir: Path, revision: str | No
             checkpoint = torch.load(source, map_location="cpu", weights_only=True)
             if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
                 checkpoint = checkpoint["state_dict"]
-            _save_state_dict(checkpoint, tmp / WEIGHTS_FILE)
+            save_state_dict(checkpoint, tmp / WEIGHTS_FILE)
         write_json(entry, tmp / CONFIG_FILE)
 
 
@@ -209,7 +171,8 @@ def read_clip_config(weights_dir: Path) -> dict[str, Any]:
 
 
 def load_clip(weights_dir: Path, device: str = "cpu") -> LoadedClip:
-    """Load a weights dir (from ``materialize_random_clip`` or ``fetch_pretrained_clip``).
+    """Load a weights dir (``fetch_pretrained_clip`` or
+    ``fgvlm.models.tiny.materialize_random_clip`` output).
 
     Always ``open_clip.create_model_and_transforms(arch, pretrained=<safetensors file>, ...)``
     with the stored preprocessing; out: a ``LoadedClip`` on ``device`` in eval mode.
@@ -218,7 +181,7 @@ def load_clip(weights_dir: Path, device: str = "cpu") -> LoadedClip:
     entry = read_clip_config(weights_dir)
     arch = entry["arch"]
     if entry.get("model_cfg"):
-        _register_model_config(arch, entry["model_cfg"])
+        register_model_config(arch, entry["model_cfg"])
     elif arch not in open_clip.list_models():
         raise ValueError(f"{weights_dir / CONFIG_FILE}: open_clip has no architecture {arch!r}")
     preprocess = entry["preprocess"]
@@ -317,52 +280,3 @@ def encode_class_prompts(
         mean = encode_texts(clip, prompts, device).mean(axis=0)
         rows.append(mean / np.linalg.norm(mean))
     return np.stack(rows).astype(np.float32)
-
-
-def contrastive_pretrain(
-    weights_dir: Path,
-    out_dir: Path,
-    pairs: list[tuple[Path, str]],
-    *,
-    steps: int,
-    seed: int,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-) -> dict[str, float]:
-    """Train a CLIP on (image file, caption) pairs with the CLIP loss and save it to ``out_dir``.
-
-    The demo's tiny CLIPs are pre-trained this way on the synthetic worlds, as released CLIPs
-    arrive pre-trained: mining then finds real hard negatives, and baselines mean something.
-    Loads ``weights_dir`` through ``load_clip`` and writes the same layout atomically.
-    Deterministic for a seed (single-threaded CPU math aside). Returns first/last loss.
-    """
-    from open_clip.loss import ClipLoss
-
-    if not pairs:
-        raise ValueError("contrastive_pretrain: no (image, caption) pairs")
-    clip = load_clip(weights_dir)
-    model = clip.model.train()
-    loss_fn = ClipLoss()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    images = [clip.preprocess(Image.open(path).convert("RGB")) for path, _ in pairs]
-    texts = clip.tokenizer([text for _, text in pairs])
-    generator = torch.Generator().manual_seed(seed)
-    losses = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for _ in tqdm(range(steps), desc="CLIP pretraining", unit="step"):
-            index = torch.randperm(len(pairs), generator=generator)[:batch_size]
-            out = model(torch.stack([images[i] for i in index]), texts[index])
-            if isinstance(out, dict):
-                out = (out["image_features"], out["text_features"], out["logit_scale"])
-            loss = loss_fn(*out[:3])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-    entry = read_json(weights_dir / CONFIG_FILE)
-    entry["pretraining"] = {"pairs": len(pairs), "steps": steps, "seed": seed, "lr": lr}
-    with atomic_path(out_dir, is_dir=True) as tmp:
-        _save_state_dict(model.state_dict(), tmp / WEIGHTS_FILE)
-        write_json(entry, tmp / CONFIG_FILE)
-    return {"first_loss": losses[0], "last_loss": float(np.mean(losses[-10:]))}

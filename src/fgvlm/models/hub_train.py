@@ -34,12 +34,12 @@ from transformers import (
 )
 
 from fgvlm.io import atomic_path, write_json
-from fgvlm.models.hub import QWEN2_VL_CHAT_TEMPLATE
 from fgvlm.models.llm import publish_modes
 from fgvlm.models.templates import (
     IGNORE_INDEX,
     IM_END,
     IMAGE_PLACEHOLDER,
+    QWEN2_VL_CHAT_TEMPLATE,
     TemplateMismatchError,
     conversation_turns,
 )

@@ -8,7 +8,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from fgvlm.models import clip, hub, llm
+from fgvlm.models import clip, hub, llm, tiny
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +25,14 @@ def materialize_clip(source: dict, out_dir: Path, *, world_dirs: list[Path]) -> 
 
     model_config = Path(source["model_config"])
     if "pretrain" not in source:
-        clip.materialize_random_clip(model_config, out_dir, source["seed"])
+        tiny.materialize_random_clip(model_config, out_dir, source["seed"])
         return
     pretrain = source["pretrain"]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
         init = Path(tmp) / "init"
-        clip.materialize_random_clip(model_config, init, source["seed"])
-        summary = clip.contrastive_pretrain(
+        tiny.materialize_random_clip(model_config, init, source["seed"])
+        summary = tiny.contrastive_pretrain(
             init,
             out_dir,
             caption_pairs(world_dirs),
@@ -50,9 +50,9 @@ def materialize_llm(source: dict, out_dir: Path, *, world_dirs: list[Path]) -> N
         return
     from fgvlm.data.synthetic import text_corpus
 
-    summary = llm.materialize_tiny_llm(
+    summary = tiny.materialize_tiny_llm(
         out_dir,
-        family=source["family"],
+        arch=source["family"],
         corpus=text_corpus(world_dirs),
         seed=source["seed"],
         hidden_size=source["hidden_size"],
@@ -67,7 +67,7 @@ def materialize_base_vlm(source: dict, out_dir: Path, *, text_model_dir: Path | 
     if source["type"] == "hub":
         hub.fetch_hub_vlm(source["repo"], source["revision"], out_dir)
         return
-    hub.materialize_tiny_hub_vlm(
+    tiny.materialize_tiny_hub_vlm(
         "qwen2_vl",
         out_dir,
         tokenizer_dir=text_model_dir,
@@ -80,7 +80,7 @@ def materialize_hub_vlm(vlm: dict, out_dir: Path, *, text_model_dir: Path | None
     """A released VLM (``repo``; remote code only where ``trust_remote_code`` opts in), or a
     tiny transformers-native stand-in (``tiny``)."""
     if "tiny" in vlm:
-        hub.materialize_tiny_hub_vlm(
+        tiny.materialize_tiny_hub_vlm(
             vlm["tiny"]["kind"],
             out_dir,
             tokenizer_dir=text_model_dir,

@@ -1,481 +1,57 @@
-"""Released VLMs that ship their own modelling code (``trust_remote_code``), as ``MCQModel``s.
+"""Released VLMs that ship their own modelling code (``trust_remote_code``): loading.
 
 InternVL2, Phi-3/3.5-vision, Molmo and CogVLM-chat do not load through
-``AutoModelForImageTextToText``: each exposes its own API, called here the way VLMEvalKit
-(github.com/open-compass/VLMEvalKit, ``vlmeval/vlm/``) calls it, which is how the paper
-evaluates them (§3.3, Appendix B). One adapter per family:
+``AutoModelForImageTextToText``; ``load_remote_model`` loads each family's model with the
+tokenizer or processor its API needs, as VLMEvalKit (github.com/open-compass/VLMEvalKit,
+``vlmeval/vlm/``) does. ``fgvlm.evaluate.remote_runners`` asks them questions.
 
-- ``InternVL2VLM`` (``internvl/internvl_chat.py``): ``AutoModel`` + ``AutoTokenizer``; images
-  cut into 448 px tiles (at most 6, plus a thumbnail) with ImageNet normalisation; the prompt
-  in the model's own conversation template with ``<img><IMG_CONTEXT>…</img>`` for the image;
-  ``model.generate(pixel_values=, input_ids=, attention_mask=)``. Batched with left padding,
-  as the model's ``batch_chat`` does.
-- ``Phi3VisionVLM`` (``phi3_vision.py``): ``AutoModelForCausalLM`` + ``AutoProcessor``; the
-  chat template around ``<|image_1|>\\n`` + prompt; ``processor(prompt, [image])``;
-  ``model.generate(**inputs)``. The processor takes one prompt at a time: per-item loop.
-- ``MolmoVLM`` (``molmo.py``): ``AutoModelForCausalLM`` + ``AutoProcessor``;
-  ``processor.process(images=, text=)``; ``model.generate_from_batch`` stopping at
-  ``<|endoftext|>``. Per-item loop, as VLMEvalKit runs it.
-- ``CogVLMVLM`` (``cogvlm.py``): ``AutoModelForCausalLM`` + Vicuna's Llama tokenizer;
-  ``model.build_conversation_input_ids(tokenizer, query=, history=[], images=)`` (chat mode);
-  ``model.generate(input_ids=, token_type_ids=, attention_mask=, images=)``. Per-item loop.
-
-Per-item loops make answers independent of the batch size by construction; InternVL2's
-batched path relies on left padding as ``HubVLM`` does. ``continuation_logprobs`` runs, per
-item, one forward pass over the prompt with each continuation appended (right-padded rows);
-when every continuation is a single token (option letters) the prompt alone is enough.
-
-Loading runs code from the model folder, so ``load_remote_vlm`` refuses unless the caller
+Loading runs code from the model folder, so ``load_remote_model`` refuses unless the caller
 opts in (the config's ``trust_remote_code`` for that model); weights are safetensors only.
 """
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as tvf
-from transformers import (
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoProcessor,
-    AutoTokenizer,
-    GenerationConfig,
-)
+from transformers import AutoModel, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
-from fgvlm.evaluate.scoring import MCQItem
-from fgvlm.models.hub import _rgb, _torch_dtype, continuation_token_ids
+from fgvlm.models.hub import torch_dtype
 
 FAMILIES = ("internvl2", "phi3_vision", "molmo", "cogvlm")
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-INTERNVL_MAX_TILES = 6  # VLMEvalKit's InternVLChat.set_max_num for every benchmark used here
-IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
-MOLMO_STOP = "<|endoftext|>"
 COGVLM_TOKENIZER_DIR = "tokenizer"  # Vicuna's tokenizer: cogvlm-chat-hf ships none of its own
-COGVLM_LANGUAGE_TYPE = 0  # token_type_ids value of text tokens (VISION_TOKEN_TYPE is 1)
-
-
-class RemoteVLM:
-    """Shared half of the adapters: batch-of-one prompt inputs and continuation scoring.
-
-    A family implements ``prompt_inputs`` (model inputs of one item, batch dimension 1),
-    ``_generate_one`` (or ``generate`` for a batched path) and ``_forward_rows`` (logits of
-    the prompt with several continuations appended, one row each).
-    """
-
-    family = ""
-    answer_lead = ""  # text the model writes before its answer (Molmo: a space)
-
-    def __init__(self, model: Any, tokenizer: Any, *, name: str) -> None:
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token  # Llama-style tokenizers lack one
-        self.name = name
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    def prompt_inputs(self, item: MCQItem) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def _generate_one(self, item: MCQItem, max_new_tokens: int) -> str:
-        raise NotImplementedError
-
-    def _forward_rows(self, inputs: dict[str, Any], rows: list[list[int]]) -> torch.Tensor:
-        raise NotImplementedError
-
-    @torch.inference_mode()
-    def generate(self, items: list[MCQItem], *, max_new_tokens: int) -> list[str]:
-        """Greedy answers (new text only, stripped), one item at a time."""
-        return [self._generate_one(item, max_new_tokens) for item in items]
-
-    def continuation_ids(self, item: MCQItem, text: str) -> list[int]:
-        """Token ids of ``text`` as the model would write it after the prompt."""
-        return continuation_token_ids(self.tokenizer, self.answer_lead + text, item.qid)
-
-    @torch.inference_mode()
-    def continuation_logprobs(
-        self, items: list[MCQItem], continuations: list[list[str]]
-    ) -> list[list[float]]:
-        """Per item, the summed log-probability of each continuation right after the prompt
-        (one forward pass per item: the prompt alone when every continuation is one token)."""
-        if len(items) != len(continuations):
-            raise ValueError(f"{len(items)} items but {len(continuations)} continuation lists")
-        results = []
-        for item, texts in zip(items, continuations, strict=True):
-            ids = [self.continuation_ids(item, text) for text in texts]
-            inputs = self.prompt_inputs(item)
-            prompt_len = inputs["input_ids"].shape[1]
-            if all(len(c) == 1 for c in ids):
-                logp = torch.log_softmax(self._forward_rows(inputs, [[]])[0, -1].float(), -1)
-                results.append([float(logp[c[0]]) for c in ids])
-                continue
-            logits = self._forward_rows(inputs, ids)
-            scores = []
-            for row, cont in enumerate(ids):
-                # the token at position p is predicted by the logits at p - 1
-                picked = logits[row, prompt_len - 1 : prompt_len - 1 + len(cont)].float()
-                logp = torch.log_softmax(picked, dim=-1)
-                scores.append(float(logp[torch.arange(len(cont)), cont].sum()))
-            results.append(scores)
-        return results
-
-    def _right_padded(
-        self, prompt_ids: torch.Tensor, rows: list[list[int]], pad_id: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask) [len(rows), T + longest row]: the one-row prompt
-        ``prompt_ids`` [1, T] followed by each row's tokens, padded on the right (so every
-        real token keeps the position it has in a batch of one)."""
-        width = prompt_ids.shape[1] + max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=prompt_ids.dtype)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, cont in enumerate(rows):
-            full = torch.cat([prompt_ids[0].cpu(), torch.tensor(cont, dtype=prompt_ids.dtype)])
-            ids[r, : len(full)] = full
-            mask[r, : len(full)] = 1
-        return ids.to(self.device), mask.to(self.device)
-
-
-def _repeat_rows(value: torch.Tensor, rows: int) -> torch.Tensor:
-    """``value`` [1, ...] repeated to [rows, ...]."""
-    return value.expand(rows, *value.shape[1:]).contiguous()
-
-
-# --- InternVL2 ---------------------------------------------------------------------------------
-
-
-def internvl_grid(width: int, height: int, tile: int, max_tiles: int) -> tuple[int, int]:
-    """(columns, rows) of InternVL's dynamic tiling: the grid of at most ``max_tiles`` tiles
-    whose aspect ratio is closest to the image's; on a tie the larger grid wins when the image
-    has more than half its pixels."""
-    grids = sorted(
-        {
-            (c, r)
-            for c in range(1, max_tiles + 1)
-            for r in range(1, max_tiles + 1)
-            if c * r <= max_tiles
-        },
-        key=lambda g: g[0] * g[1],
-    )
-    aspect = width / height
-    best, best_diff = (1, 1), float("inf")
-    for cols, rows in grids:
-        diff = abs(aspect - cols / rows)
-        if diff < best_diff:
-            best, best_diff = (cols, rows), diff
-        elif diff == best_diff and width * height > 0.5 * tile * tile * cols * rows:
-            best = (cols, rows)
-    return best
-
-
-def internvl_tiles(image: Image.Image, tile: int, max_tiles: int) -> list[Image.Image]:
-    """The image resized to its grid and cut into ``tile`` px squares, row by row, plus a
-    ``tile`` px thumbnail of the whole image when there is more than one tile."""
-    image = _rgb(image)
-    cols, rows = internvl_grid(image.width, image.height, tile, max_tiles)
-    resized = image.resize((cols * tile, rows * tile))
-    tiles = [
-        resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile))
-        for r in range(rows)
-        for c in range(cols)
-    ]
-    if len(tiles) > 1:
-        tiles.append(image.resize((tile, tile)))
-    return tiles
-
-
-def internvl_pixels(image: Image.Image, tile: int, max_tiles: int) -> torch.Tensor:
-    """[tiles, 3, tile, tile] float32: each tile bicubic-resized and ImageNet-normalised."""
-    tensors = []
-    for part in internvl_tiles(image, tile, max_tiles):
-        resized = tvf.resize(part, [tile, tile], interpolation=InterpolationMode.BICUBIC)
-        tensors.append(tvf.normalize(tvf.to_tensor(resized), IMAGENET_MEAN, IMAGENET_STD))
-    return torch.stack(tensors)
-
-
-def _config_value(config: Any, key: str) -> Any:
-    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
-
-
-class InternVL2VLM(RemoteVLM):
-    """InternVL2 (``InternVLChatModel``): batched greedy generation with left padding."""
-
-    family = "internvl2"
-
-    def __init__(
-        self, model: Any, tokenizer: Any, *, name: str, max_tiles: int = INTERNVL_MAX_TILES
-    ) -> None:
-        super().__init__(model, tokenizer, name=name)
-        self.tokenizer.padding_side = "left"
-        self.max_tiles = max_tiles
-        config = model.config
-        self.tile = int(
-            _config_value(config, "force_image_size")
-            or _config_value(_config_value(config, "vision_config"), "image_size")
-        )
-        self.context_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
-        # what model.chat sets before generating: the id the image features replace
-        model.img_context_token_id = self.context_id
-        self.sep = model.conv_template.sep
-
-    def query(self, item: MCQItem, tiles: int) -> str:
-        """The prompt text in the model's conversation template (its system message included),
-        "<image>\\n" before the question replaced by the image's context tokens."""
-        conversation = copy.deepcopy(self.model.conv_template)
-        conversation.system_message = self.model.system_message
-        question = item.prompt if item.image is None else f"<image>\n{item.prompt}"
-        conversation.append_message(conversation.roles[0], question)
-        conversation.append_message(conversation.roles[1], None)
-        text = conversation.get_prompt()
-        if item.image is None:
-            return text
-        context = IMG_CONTEXT * (self.model.num_image_token * tiles)
-        return text.replace("<image>", f"{IMG_START}{context}{IMG_END}", 1)
-
-    def _pixels(self, item: MCQItem) -> torch.Tensor | None:
-        if item.image is None:
-            return None
-        return internvl_pixels(item.image, self.tile, self.max_tiles)
-
-    def _batch(self, items: list[MCQItem]) -> dict[str, Any]:
-        pixels = [self._pixels(item) for item in items]
-        queries = [
-            self.query(item, 0 if p is None else p.shape[0])
-            for item, p in zip(items, pixels, strict=True)
-        ]
-        encoded = self.tokenizer(queries, padding=True, return_tensors="pt")
-        present = [p for p in pixels if p is not None]
-        return {
-            "input_ids": encoded["input_ids"].to(self.device),
-            "attention_mask": encoded["attention_mask"].to(self.device),
-            "pixel_values": (torch.cat(present).to(self.device, self.dtype) if present else None),
-        }
-
-    def prompt_inputs(self, item: MCQItem) -> dict[str, Any]:
-        return self._batch([item])
-
-    @torch.inference_mode()
-    def generate(self, items: list[MCQItem], *, max_new_tokens: int) -> list[str]:
-        """Greedy answers of the whole batch in one ``model.generate`` call (left padding),
-        cut at the template's separator as ``model.chat`` does."""
-        if not items:
-            return []
-        inputs = self._batch(items)
-        output = self.model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            eos_token_id=self.tokenizer.convert_tokens_to_ids(self.sep),
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        # generation from input embeddings returns the new tokens only
-        texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
-        return [text.split(self.sep)[0].strip() for text in texts]
-
-    def _forward_rows(self, inputs: dict[str, Any], rows: list[list[int]]) -> torch.Tensor:
-        ids, mask = self._right_padded(inputs["input_ids"], rows, self.tokenizer.pad_token_id)
-        pixels = inputs["pixel_values"]
-        if pixels is None:  # the model's forward always encodes images; text goes to the LLM
-            return self.model.language_model(input_ids=ids, attention_mask=mask).logits
-        pixels = pixels.repeat(len(rows), 1, 1, 1)
-        flags = torch.ones((pixels.shape[0], 1), dtype=torch.long, device=self.device)
-        return self.model(
-            pixel_values=pixels,
-            input_ids=ids,
-            attention_mask=mask,
-            image_flags=flags,
-            return_dict=True,
-        ).logits
-
-
-# --- Phi-3 / Phi-3.5-vision --------------------------------------------------------------------
-
-
-class Phi3VisionVLM(RemoteVLM):
-    """Phi-3-vision and Phi-3.5-vision (``Phi3VForCausalLM`` + ``Phi3VProcessor``): per-item
-    generation (the processor encodes one prompt with its images at a time)."""
-
-    family = "phi3_vision"
-
-    def __init__(self, model: Any, processor: Any, *, name: str) -> None:
-        super().__init__(model, processor.tokenizer, name=name)
-        self.processor = processor
-
-    def chat_prompt(self, item: MCQItem) -> str:
-        content = item.prompt if item.image is None else f"<|image_1|>\n{item.prompt}"
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-        )
-
-    def prompt_inputs(self, item: MCQItem) -> dict[str, Any]:
-        images = None if item.image is None else [_rgb(item.image)]
-        encoded = self.processor(self.chat_prompt(item), images, return_tensors="pt")
-        inputs = {key: value.to(self.device) for key, value in encoded.items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        return inputs
-
-    def _generate_one(self, item: MCQItem, max_new_tokens: int) -> str:
-        inputs = self.prompt_inputs(item)
-        output = self.model.generate(
-            **inputs,
-            eos_token_id=self.tokenizer.eos_token_id,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-        )
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        text = self.processor.batch_decode(
-            new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )[0]
-        return text.strip()
-
-    def _forward_rows(self, inputs: dict[str, Any], rows: list[list[int]]) -> torch.Tensor:
-        ids, mask = self._right_padded(inputs["input_ids"], rows, self.tokenizer.pad_token_id)
-        extra = {
-            key: _repeat_rows(inputs[key], len(rows))
-            for key in ("pixel_values", "image_sizes")
-            if key in inputs
-        }
-        return self.model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits
-
-
-# --- Molmo -------------------------------------------------------------------------------------
-
-
-class MolmoVLM(RemoteVLM):
-    """Molmo (``MolmoForCausalLM`` + ``MolmoProcessor``): per-item ``generate_from_batch``."""
-
-    family = "molmo"
-    answer_lead = " "  # the prompt ends with " Assistant:"; the answer starts with a space
-
-    def __init__(self, model: Any, processor: Any, *, name: str) -> None:
-        super().__init__(model, processor.tokenizer, name=name)
-        self.processor = processor
-
-    def prompt_inputs(self, item: MCQItem) -> dict[str, Any]:
-        images = None if item.image is None else [_rgb(item.image)]
-        encoded = self.processor.process(images=images, text=item.prompt)
-        inputs = {key: value.to(self.device).unsqueeze(0) for key, value in encoded.items()}
-        if "images" in inputs:
-            inputs["images"] = inputs["images"].to(self.dtype)
-        return inputs
-
-    def _generate_one(self, item: MCQItem, max_new_tokens: int) -> str:
-        inputs = self.prompt_inputs(item)
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens, stop_strings=MOLMO_STOP, do_sample=False
-        )
-        output = self.model.generate_from_batch(inputs, config, tokenizer=self.tokenizer)
-        new_tokens = output[0, inputs["input_ids"].shape[1] :]
-        return self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-
-    def _forward_rows(self, inputs: dict[str, Any], rows: list[list[int]]) -> torch.Tensor:
-        # Molmo pads with -1 and derives its attention mask and positions from that
-        ids, _ = self._right_padded(inputs["input_ids"], rows, -1)
-        extra = {
-            key: _repeat_rows(inputs[key], len(rows))
-            for key in ("images", "image_masks", "image_input_idx")
-            if key in inputs
-        }
-        return self.model(input_ids=ids, **extra).logits
-
-
-# --- CogVLM ------------------------------------------------------------------------------------
-
-
-class CogVLMVLM(RemoteVLM):
-    """CogVLM-chat (``CogVLMForCausalLM``, chat mode): per-item generation, as VLMEvalKit."""
-
-    family = "cogvlm"
-
-    def prompt_inputs(self, item: MCQItem) -> dict[str, Any]:
-        images = None if item.image is None else [_rgb(item.image)]
-        built = self.model.build_conversation_input_ids(
-            self.tokenizer, query=item.prompt, history=[], images=images
-        )
-        inputs = {
-            key: built[key].unsqueeze(0).to(self.device)
-            for key in ("input_ids", "token_type_ids", "attention_mask")
-        }
-        inputs["images"] = (
-            [[built["images"][0].to(self.device, self.dtype)]] if built.get("images") else None
-        )
-        return inputs
-
-    def _generate_one(self, item: MCQItem, max_new_tokens: int) -> str:
-        inputs = self.prompt_inputs(item)
-        output = self.model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        new_tokens = output[0, inputs["input_ids"].shape[1] :]
-        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
-        eos = self.tokenizer.eos_token
-        return (text.split(eos)[0] if eos else text).strip()  # VLMEvalKit cuts at "</s>"
-
-    def _forward_rows(self, inputs: dict[str, Any], rows: list[list[int]]) -> torch.Tensor:
-        ids, mask = self._right_padded(inputs["input_ids"], rows, self.tokenizer.pad_token_id)
-        types = torch.full_like(ids, COGVLM_LANGUAGE_TYPE)
-        types[:, : inputs["token_type_ids"].shape[1]] = inputs["token_type_ids"]
-        images = None if inputs["images"] is None else inputs["images"] * len(rows)
-        return self.model(
-            input_ids=ids,
-            token_type_ids=types,
-            attention_mask=mask,
-            images=images,
-            use_cache=False,
-            return_dict=True,
-        ).logits
-
-
-# --- loading -----------------------------------------------------------------------------------
 
 
 def _model_kwargs(device: str, dtype: str | torch.dtype | None) -> dict[str, Any]:
     return {
         "trust_remote_code": True,
         "use_safetensors": True,  # pickled weights would run arbitrary code on load
-        "dtype": _torch_dtype(dtype),
+        "dtype": torch_dtype(dtype),
         "device_map": device,
     }
 
 
-def load_remote_vlm(
+def load_remote_model(
     local_dir: str | os.PathLike,
     family: str | None,
     *,
     trust_remote_code: bool = False,
     device: str = "cpu",
     dtype: str | torch.dtype | None = None,
-    name: str | None = None,
     processor_kwargs: dict[str, Any] | None = None,
-) -> RemoteVLM:
-    """Load a model folder whose code ships with it into the adapter of its ``family``.
+) -> tuple[Any, Any]:
+    """(model, tokenizer or processor) of a model folder whose code ships with it.
 
     In: the folder (``fetch_hub_vlm(..., trust_remote_code=True)`` output: config.json with an
     ``auto_map``, the *.py files, safetensors weights), one of ``FAMILIES``,
-    ``trust_remote_code`` (must be True: the config opts this model in), the device, a dtype
-    name (None: the checkpoint's) and the results name (default: the folder name).
-    ``processor_kwargs`` go to ``AutoProcessor.from_pretrained`` (e.g. Phi-3.5's
-    ``num_crops``). CogVLM reads Vicuna's tokenizer from ``<folder>/tokenizer`` when present.
-    Out: an ``MCQModel``.
+    ``trust_remote_code`` (must be True: the config opts this model in), the device and a dtype
+    name (None: the checkpoint's). ``processor_kwargs`` go to ``AutoProcessor.from_pretrained``
+    (e.g. Phi-3.5's ``num_crops``). Out: InternVL2 and CogVLM with their tokenizer (CogVLM reads
+    Vicuna's from ``<folder>/tokenizer`` when present), Phi-3-vision and Molmo with their
+    processor.
     """
     local_dir = Path(local_dir)
     if family not in FAMILIES:
@@ -491,19 +67,18 @@ def load_remote_vlm(
         raise FileNotFoundError(f"{local_dir}: no config.json (not a transformers model folder)")
     if not any(local_dir.glob("*.safetensors")):
         raise FileNotFoundError(f"{local_dir}: no *.safetensors weights; pickles are not loaded")
-    name = name or local_dir.name
     kwargs = _model_kwargs(device, dtype)
     if family == "internvl2":
         model = AutoModel.from_pretrained(local_dir, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(local_dir, trust_remote_code=True, use_fast=False)
-        return InternVL2VLM(model, tokenizer, name=name)
+        return model, tokenizer
     if family == "cogvlm":
         model = AutoModelForCausalLM.from_pretrained(local_dir, **kwargs)
         tokenizer_dir = local_dir / COGVLM_TOKENIZER_DIR
         tokenizer = AutoTokenizer.from_pretrained(
             tokenizer_dir if tokenizer_dir.is_dir() else local_dir
         )
-        return CogVLMVLM(model, tokenizer, name=name)
+        return model, tokenizer
     if family == "phi3_vision" and importlib.util.find_spec("flash_attn") is None:
         # Phi-3.5-vision's config asks for flash attention; its code also has an eager path
         kwargs["attn_implementation"] = "eager"
@@ -511,5 +86,4 @@ def load_remote_vlm(
     processor = AutoProcessor.from_pretrained(
         local_dir, trust_remote_code=True, **(processor_kwargs or {})
     )
-    adapter = Phi3VisionVLM if family == "phi3_vision" else MolmoVLM
-    return adapter(model, processor, name=name)
+    return model, processor

@@ -1,4 +1,6 @@
-"""Chat templates: LLaVA conversations -> token ids and labels, for training and generation.
+"""Chat templates: LLaVA conversations -> token ids and labels, for training and generation;
+and the Jinja chat templates of transformers tokenizers and processors (``CHATML_JINJA``,
+``LLAVA_CHAT_TEMPLATE``, ``QWEN2_VL_CHAT_TEMPLATE``).
 
 A conversation (LLaVA format) is ``[{"from": "human" | "gpt", "value": str}, ...]``, alternating
 human/gpt and starting with human; ``"<image>"`` in a human turn marks where the image goes.
@@ -78,6 +80,38 @@ TEMPLATE_TOKENS: dict[str, tuple[str, ...]] = {
     "chatml": (IM_START, IM_END),
 }
 _BOS, _EOS = "<bos>", "<eos>"  # stand-ins resolved to the tokenizer's own bos/eos ids
+
+# Jinja chat templates for transformers tokenizers and processors (``apply_chat_template``).
+# Qwen's chatml, with its default system turn: the tiny Qwen2-family tokenizers' template
+CHATML_JINJA = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# chatml with the image before the text, as llava-hf's Qwen-based LLaVA models (interleave,
+# onevision) format it; the processor expands "<image>" to one token per patch
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Qwen2-VL-Instruct's template without its default system turn (tiny vocabularies lack its words)
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 class TemplateMismatchError(ValueError):
