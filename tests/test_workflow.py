@@ -239,3 +239,61 @@ def test_changed_clip_eval_template_reruns_only_clip_eval(demo_run):
     assert planned_jobs(demo_run, "--configfile", str(config)) == Counter(
         eval_clip=n["fine"] * n["clip"], aggregate_models=1, figures=1, all=1
     )
+
+
+def reordered(entry: dict) -> dict:
+    """``entry`` with its keys in reverse order (YAML order carries no meaning)."""
+    return {key: entry[key] for key in reversed(list(entry))}
+
+
+@pytest.mark.slow
+def test_reordered_keys_rerun_nothing(demo_run):
+    demo = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    recipes = {name: reordered(recipe) for name, recipe in demo["recipes"].items()}
+    train_data = {
+        name: {**data, "source": reordered(data["source"])}
+        for name, data in demo["train_data"].items()
+    }
+    hub_vlms = {name: reordered(vlm) for name, vlm in demo["hub_vlms"].items()}
+    config = demo_config(demo_run, recipes=recipes, train_data=train_data, hub_vlms=hub_vlms)
+    assert planned_jobs(demo_run, "--configfile", str(config)) == Counter()
+
+
+@pytest.mark.slow
+def test_renamed_labels_rerun_only_the_report(demo_run):
+    demo = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    hub_vlms = {name: {**vlm, "label": f"{name} renamed"} for name, vlm in demo["hub_vlms"].items()}
+    train_data = {
+        name: {**data, "label": name.upper()} for name, data in demo["train_data"].items()
+    }
+    config = demo_config(demo_run, hub_vlms=hub_vlms, train_data=train_data)
+    planned = planned_jobs(demo_run, "--configfile", str(config))
+    assert set(planned) <= {"aggregate_ablations", "aggregate_models", "figures", "all"}
+    assert planned["aggregate_models"] == 1 and planned["aggregate_ablations"] == 1
+
+
+@pytest.mark.slow
+def test_miner_batch_size_reruns_nothing(demo_run):
+    """The questions are byte-identical at any batch size, so it is not a param of mining."""
+    config = demo_config(demo_run, **{"miner.batch_size": 7})
+    assert planned_jobs(demo_run, "--configfile", str(config)) == Counter()
+
+
+@pytest.mark.slow
+def test_readme_fgvlm_examples_run_as_printed(demo_run, tmp_path):
+    """Every ``fgvlm`` line of the README's command block, run as printed in a copy of the
+    demo's working folder (``config/`` beside it, as in a checkout)."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## The `fgvlm` command")[1].split("```bash")[1].split("```")[0]
+    commands = [line.split("#")[0].split() for line in block.splitlines() if line.strip()]
+    assert commands and all(command[0] == "fgvlm" for command in commands)
+    workdir = tmp_path / "work"
+    subprocess.run(["cp", "-a", str(demo_run), str(workdir)], check=True)
+    subprocess.run(["cp", "-a", str(ROOT / "config"), str(workdir / "config")], check=True)
+    subprocess.run(["cp", "-a", str(ROOT / "tests"), str(workdir / "tests")], check=True)
+    fgvlm = Path(sys.executable).parent / "fgvlm"
+    for command in commands:
+        proc = subprocess.run(
+            [str(fgvlm), *command[1:]], cwd=workdir, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, f"{' '.join(command)}:\n{proc.stderr[-3000:]}"
