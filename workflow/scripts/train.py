@@ -1,12 +1,13 @@
 import sys
 
-from fgvlm import launch, logs
+from fgvlm import logs
 from fgvlm.config import device_of
+from fgvlm.training import launch
 
 sm = snakemake  # noqa: F821
 logs.setup(sm.log, threads=sm.threads)
 training = sm.config.get("training") or {}  # operational: not a params trigger
-# One process here, or torchrun/accelerate on every GPU of the allocation (fgvlm.launch).
+# One process here, or torchrun/accelerate on every GPU of the allocation (fgvlm.training.launch).
 code = launch.run_or_launch(
     {
         "spec": sm.params.spec,
