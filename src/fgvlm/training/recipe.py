@@ -67,7 +67,7 @@ class Recipe:
             raise ValueError("recipe.connector_only_fraction must be in [0, 1)")
 
 
-def recipe_name(stage: str, *, updating: str, arch: str) -> str:
+def recipe_for(stage: str, *, updating: str, arch: str) -> str:
     """The ``config.recipes`` entry a trained ablation row uses for ``stage``.
 
     Pretraining updates what the row's ``updating`` says (the connector, or everything after a
