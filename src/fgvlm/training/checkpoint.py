@@ -264,7 +264,7 @@ def save_checkpoint(
 
 def latest_checkpoint(state_dir: Path) -> Path | None:
     """The newest complete checkpoint (temp folders of a killed save are never matched, nor
-    folders of an older layout without ``weights/`` or ``deepspeed/``)."""
+    folders without ``weights/`` or ``deepspeed/``)."""
     found = sorted(
         p
         for p in state_dir.glob(f"{CHECKPOINT_PREFIX}*")
