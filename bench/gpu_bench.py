@@ -8,7 +8,7 @@ One prepared run, two parts; random weights, no network, nothing but this reposi
 (a) Training. A ``LlavaVLM``: a frozen open_clip ViT-L/14-336 tower (24 layers, 576 patch
     tokens, random init, ``materialize_random_clip``), the ``mlp2x_gelu`` connector, and a
     Llama with Vicuna-7B's layer shapes (hidden 4096, 32 heads, FFN 11008, vocabulary 32000)
-    but only ``--layers`` decoder layers. Connector + LLM train through ``fgvlm.train.train``
+    but only ``--layers`` decoder layers. Connector + LLM train through ``fgvlm.training.loop.train``
     (AdamW, accelerate), on sequences of 576 image tokens + ``--text-tokens`` text tokens,
     in every combination of precision (``amp``: fp32 weights with bf16 autocast, as
     ``run_training`` trains on GPU; ``bf16``: bf16 weights) and gradient checkpointing
@@ -51,7 +51,8 @@ from fgvlm.models.templates import IGNORE_INDEX, IMAGE_TOKEN_ID, LLAVA_CHAT_TEMP
 from fgvlm.models.tiny import CHAT_TOKENS, materialize_random_clip, train_tokenizer
 from fgvlm.models.vlm import Connector, LlavaVLM, VisionTower
 from fgvlm.stages import world_corpus
-from fgvlm.train import Recipe, make_plan, train
+from fgvlm.training.loop import train
+from fgvlm.training.recipe import Recipe, make_plan
 
 # dense bf16 tensor-core peak, TFLOP/s (NVIDIA data sheets; SXM unless the name says PCIe).
 # Checked in order: the first fragment found in torch.cuda.get_device_name() wins.
@@ -220,7 +221,7 @@ def train_row(
     peak: float | None,
     workdir: Path,
 ) -> dict:
-    """Time ``steps`` optimizer steps of ``fgvlm.train.train`` after ``warmup`` steps."""
+    """Time ``steps`` optimizer steps of ``fgvlm.training.loop.train`` after ``warmup`` steps."""
     from accelerate import Accelerator
 
     device = vlm.device

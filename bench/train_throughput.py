@@ -8,7 +8,7 @@ once, and the medians over rounds are reported):
 - loader: ``conversation_dataset`` + ``DataLoader`` + the model's ``Collator`` over one epoch
   of the demo's instruction shards, with 0 and 2 worker processes (samples/s, worker start-up
   included);
-- step: ``fgvlm.train.train`` (forward + backward + AdamW, connector and LLM trainable, the
+- step: ``fgvlm.training.loop.train`` (forward + backward + AdamW, connector and LLM trainable, the
   demo's finetuning batch: 16 per micro-batch, global batch 32) on batches collated
   beforehand, so no loading is timed (samples/s, tokens/s);
 - end to end: the same ``train`` fed by the real loader, as ``run_training`` feeds it.
@@ -39,7 +39,8 @@ from torch.utils.data import DataLoader
 from fgvlm.data.shards import conversation_dataset
 from fgvlm.models.templates import IMAGE_TOKEN_ID
 from fgvlm.models.vlm import LlavaVLM, build_vlm
-from fgvlm.train import Recipe, make_plan, train
+from fgvlm.training.loop import train
+from fgvlm.training.recipe import Recipe, make_plan
 
 
 class _Measured(Exception):
@@ -86,7 +87,7 @@ def step_rate(
     steps: int,
     workdir: Path,
 ) -> dict:
-    """Time ``steps`` optimizer steps of ``fgvlm.train.train`` after ``warmup`` steps.
+    """Time ``steps`` optimizer steps of ``fgvlm.training.loop.train`` after ``warmup`` steps.
 
     ``batches`` is what ``train`` iterates; every micro-batch it yields is recorded, so the
     tokens of the measured steps are exact. Out: samples/s, tokens/s, seconds per step.

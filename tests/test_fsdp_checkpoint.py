@@ -28,7 +28,7 @@ from _tiny import FakeVLM, training_assets
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from fgvlm.train import latest_checkpoint
+from fgvlm.training.checkpoint import latest_checkpoint
 
 SPEC = {
     "run": "fsdp_test",
@@ -80,12 +80,13 @@ class CpuFsdpAccelerator(accelerate.Accelerator):
         self.state.fsdp_plugin = plugin
 
 accelerate.Accelerator = CpuFsdpAccelerator
-from fgvlm import logs, stages, train
+from fgvlm import logs, stages
+from fgvlm.training import loop
 logs.setup()
 args = json.loads(sys.argv[1])
 hooks = args.pop("hooks")
 rank = int(os.environ["RANK"])
-real_save = train.save_checkpoint
+real_save = loop.save_checkpoint
 
 def save_checkpoint(state_dir, step, model, *rest, **kw):
     if not isinstance(model, FullyShardedDataParallel):
@@ -108,7 +109,7 @@ def save_checkpoint(state_dir, step, model, *rest, **kw):
         shutil.copytree(target, hooks["keep_to"])  # the last checkpoint, deleted at the end
     return target
 
-train.save_checkpoint = save_checkpoint
+loop.save_checkpoint = save_checkpoint
 stages.train_stage(**args)
 dist.destroy_process_group()
 """
@@ -275,7 +276,8 @@ def test_checkpoint_is_sharded_full_and_matches_the_saved_model(reference):
 
 
 def tiny_run(state_dir: Path, stop_at: int | None = None):
-    from fgvlm.train import Recipe, make_plan, train
+    from fgvlm.training.loop import train
+    from fgvlm.training.recipe import Recipe, make_plan
 
     recipe = Recipe.from_config(
         dict(

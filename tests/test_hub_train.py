@@ -1,4 +1,4 @@
-"""Finetuning a tiny transformers Qwen2-VL (LLM only) through fgvlm.train: the Qwen2-VL row."""
+"""Finetuning a tiny transformers Qwen2-VL (LLM only) through fgvlm.training: the Qwen2-VL row."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from fgvlm.mcq import MCQItem
 from fgvlm.models.hub_train import TrainableHubVLM, load_trainable_hub_vlm
 from fgvlm.models.templates import IGNORE_INDEX, TemplateMismatchError
 from fgvlm.models.tiny import materialize_tiny_hub_vlm
-from fgvlm.train import Recipe, make_plan, train
+from fgvlm.training.loop import train
+from fgvlm.training.recipe import Recipe, make_plan
 
 QUESTION = "what type of object is in this photo ?"
 # Qwen2-VL-Instruct's released chat_template.json (default system turn, images as content parts)
@@ -335,9 +336,9 @@ def test_load_rejects_other_folders(tmp_path):
 
 
 def test_run_training_finetunes_the_base_folder_end_to_end(base_dir, tmp_path):
-    """fgvlm.train.run_training with base_dir: shards -> DataLoader workers -> save -> eval load."""
+    """run_training with base_dir: shards -> DataLoader workers -> save -> eval load."""
     from fgvlm.data.shards import write_conversation_shards
-    from fgvlm.train import run_training
+    from fgvlm.training.stage import run_training
 
     samples = []
     for i, (rec, img) in enumerate(fixed_batch_samples() * 2):

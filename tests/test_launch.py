@@ -18,12 +18,13 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from fgvlm import launch, stages
-from fgvlm.launch import LaunchPlan
+from fgvlm import stages
+from fgvlm.training import launch
+from fgvlm.training.launch import LaunchPlan
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-WORKER = ["fgvlm.launch", "--args-json", "/runs/r/pretrain.state.launch.json"]
+WORKER = ["fgvlm.training.launch", "--args-json", "/runs/r/pretrain.state.launch.json"]
 
 
 def no_scontrol(cmd: list[str]) -> None:
@@ -226,7 +227,7 @@ def test_accelerate_configs_parse_with_accelerates_own_launcher(name):
     assert (args.num_machines, args.num_processes, args.mixed_precision) == (4, 16, "bf16")
     assert (args.module, args.training_script, args.training_script_args) == (
         True,
-        "fgvlm.launch",
+        "fgvlm.training.launch",
         WORKER[1:],
     )
     if args.use_fsdp:
@@ -329,7 +330,7 @@ def test_two_launchers_join_one_gloo_group_through_the_srun_path(tmp_path):
         {"out_json": str(out), "device": "cpu"},
         state_dir=tmp_path / "state",
         plan=plan,
-        entry="fgvlm.launch:probe_distributed",
+        entry="fgvlm.training.launch:probe_distributed",
         env=env,
     )
     elapsed = time.perf_counter() - started

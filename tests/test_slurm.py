@@ -435,14 +435,15 @@ PROBE_SCRIPT = """
 import sys
 from pathlib import Path
 
-from fgvlm import launch, logs
+from fgvlm import logs
+from fgvlm.training import launch
 
 sm = snakemake  # noqa: F821
 logs.setup(sm.log)
 code = launch.run_or_launch(
     {"out_json": str(Path(sm.output[0]).resolve()), "device": "cpu"},
     state_dir="probe.state",
-    entry="fgvlm.launch:probe_distributed",
+    entry="fgvlm.training.launch:probe_distributed",
 )
 sys.exit(code)
 """
@@ -462,7 +463,7 @@ def test_training_launch_path_joins_two_launchers_on_the_cluster(slurm_cluster, 
     )
     calls = sbatch_calls(newest_log(tmp_path))["pretrain"]
     # No retry is expected: a rank that aborted at exit (a process group left to interpreter
-    # shutdown, see fgvlm.launch.close_process_group) used to fail 1 probe in 5 here.
+    # shutdown, see fgvlm.training.launch.close_process_group) used to fail 1 probe in 5 here.
     assert len(calls) == 1, f"the probe needed a retry:\n{failed_job_logs(tmp_path)}"
     args = calls[0]
     assert {"--nodes=1", "--ntasks=2", "--gres=gpu:4"} <= set(args), args

@@ -6,7 +6,9 @@ import pytest
 import torch
 from _tiny import FakeVLM
 
-from fgvlm.train import Recipe, latest_checkpoint, lr_factor, make_plan, train
+from fgvlm.training.checkpoint import latest_checkpoint
+from fgvlm.training.loop import train
+from fgvlm.training.recipe import Recipe, group_schedules, lr_factor, make_plan
 
 
 def make_batches(n_micro: int, batch: int = 2):
@@ -44,6 +46,9 @@ RECIPES = {
         connector_only_fraction=0.2,
         global_batch=4,
     ),
+    "finetune": dict(
+        stage="finetune", updating="full", connector_lr=2e-5, llm_lr=2e-5, global_batch=4
+    ),
     "llm": dict(stage="finetune", updating="llm", llm_lr=1e-2, global_batch=4),
 }
 
@@ -72,11 +77,15 @@ def run(tmp_path, updating: str, steps: int = 10, stop_at: int | None = None, **
     return model, plan, history, result
 
 
+def llm_start(recipe: Recipe, plan) -> int:
+    return {group.name: group.start_step for group in group_schedules(recipe, plan)}["llm"]
+
+
 def test_plan_derives_accumulation_and_rejects_bad_batches():
     recipe = Recipe.from_config(dict(RECIPES["full"], global_batch=256, per_device_batch=4))
     plan = make_plan(recipe, 16, n_samples=558_128)
     assert (plan.grad_accum, plan.steps_per_epoch, plan.total_steps) == (4, 2180, 2180)
-    assert plan.llm_start_step == 436  # 20% connector-only warmup
+    assert llm_start(recipe, plan) == 436  # 20% connector-only warmup
     with pytest.raises(ValueError, match="not a multiple of world size 16 x per-device batch 6"):
         make_plan(
             Recipe.from_config(dict(RECIPES["full"], global_batch=256, per_device_batch=6)),
@@ -99,10 +108,11 @@ def test_connector_only_changes_only_the_connector(tmp_path):
 
 def test_full_keeps_the_llm_frozen_for_the_first_20_percent(tmp_path):
     model, plan, history, _ = run(tmp_path, "full", steps=10)
-    assert plan.llm_start_step == 2
-    for step in range(plan.llm_start_step + 1):
+    start = llm_start(Recipe.from_config({**RECIPES["full"], "max_steps": 10}), plan)
+    assert start == 2
+    for step in range(start + 1):
         assert not changed(history[0], history[step], "llm"), step
-    assert changed(history[0], history[plan.llm_start_step + 1], "llm")
+    assert changed(history[0], history[start + 1], "llm")
     assert changed(history[0], history[1], "connector")
     assert not changed(history[0], history[-1], "vision")
 
@@ -131,3 +141,47 @@ def test_lr_schedule_warms_up_then_decays():
     assert factors[50] < factors[10] and factors[-1] < 0.01
     assert lr_factor(5, 20, 100, 0.03) == 0.0  # before a late group's start
     assert lr_factor(20, 20, 100, 0.03) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize(
+    ("updating", "lines"),
+    [
+        (
+            "connector",
+            [
+                "group vision: frozen",
+                "group connector: learns from step 0, lr 1e-2",
+                "group llm: frozen",
+            ],
+        ),
+        (
+            "full",
+            [
+                "group vision: frozen",
+                "group connector: learns from step 0, lr 1e-2",
+                "group llm: learns from step 2 (after 20% connector-only warmup), lr 1e-2",
+            ],
+        ),
+        (
+            "finetune",
+            [
+                "group vision: frozen",
+                "group connector: learns from step 0, lr 2e-5",
+                "group llm: learns from step 0, lr 2e-5",
+            ],
+        ),
+        (
+            "llm",
+            [
+                "group vision: frozen",
+                "group connector: frozen",
+                "group llm: learns from step 0, lr 1e-2",
+            ],
+        ),
+    ],
+)
+def test_every_run_starts_by_logging_who_learns_when(tmp_path, caplog, updating, lines):
+    caplog.set_level("INFO", logger="fgvlm.training.loop")
+    run(tmp_path, updating, steps=10)
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("group ")]
+    assert logged == lines

@@ -312,11 +312,11 @@ def metric_of(config: dict, benchmark: str) -> str:
 
 def recipe_name(row: dict, stage: str) -> str | None:
     """The recipe a trained ablation row uses for ``stage`` (None: the row skips that stage)."""
-    if stage == "pretrain":
-        if row["pt_data"] in NO_DATA:
-            return None
-        return "pretrain_full" if row["updating"] == "full" else "pretrain_connector"
-    return "finetune_llm_only" if row["arch"] == "qwen2_vl" else "finetune"
+    from fgvlm.training.recipe import recipe_for
+
+    if stage == "pretrain" and row["pt_data"] in NO_DATA:
+        return None
+    return recipe_for(stage, updating=row["updating"], arch=row["arch"])
 
 
 def trained_rows(config: dict) -> list[dict]:

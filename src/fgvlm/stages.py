@@ -203,7 +203,7 @@ def train_stage(
     base VLM, the Qwen2-VL row) or from the vision tower and LLM; it is saved to ``out_dir``
     at the end. Resumable state lives in ``state_dir`` (outside the rule's declared output).
     """
-    from fgvlm.train import run_training
+    from fgvlm.training.stage import run_training
 
     return run_training(
         spec,

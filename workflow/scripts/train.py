@@ -1,12 +1,13 @@
 import sys
 
-from fgvlm import launch, logs
+from fgvlm import logs
 from fgvlm.config import device_of
+from fgvlm.training import launch
 
 sm = snakemake  # noqa: F821
 logs.setup(sm.log, threads=sm.threads)
-training = sm.config.get("training") or {}  # operational: not a params trigger
-# One process here, or torchrun/accelerate on every GPU of the allocation (fgvlm.launch).
+training = sm.config["training"]  # operational: not a params trigger
+# One process here, or torchrun/accelerate on every GPU of the allocation (fgvlm.training.launch).
 code = launch.run_or_launch(
     {
         "spec": sm.params.spec,
@@ -18,8 +19,8 @@ code = launch.run_or_launch(
         "init_dir": sm.input.get("init"),
         "base_dir": sm.input.get("base"),
         "device": device_of({"device": sm.params.device}),
-        "checkpoint_every": training.get("checkpoint_every", 500),
-        "dataloader_workers": training.get("dataloader_workers", 4),
+        "checkpoint_every": training["checkpoint_every"],
+        "dataloader_workers": training["dataloader_workers"],
     },
     state_dir=sm.params.state_dir,
     accelerate_config=training.get("accelerate_config"),

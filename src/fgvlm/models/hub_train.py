@@ -3,8 +3,8 @@
 ``load_trainable_hub_vlm`` wraps a ``Qwen2VLForConditionalGeneration`` folder (a hub snapshot or
 ``materialize_tiny_hub_vlm`` output) in a ``TrainableHubVLM``, which has the trainer interface of
 ``fgvlm.models.vlm.LlavaVLM`` (``parameter_groups``, ``forward(**batch)``, ``collate_fn``,
-``save``), so ``fgvlm.train`` runs it with an ``updating: llm`` recipe (vision tower and merger
-frozen).
+``save``), so ``fgvlm.training`` runs it with an ``updating: llm`` recipe (``group_schedules`` in
+``fgvlm.training.recipe``: the LLM learns; vision tower and merger stay frozen).
 
 Conversations (LLaVA format) are rendered through the processor's own chat template, exactly as
 ``fgvlm.models.hub.HubVLM`` renders evaluation prompts: a user turn holding the image is

@@ -80,7 +80,8 @@ class VisionTower(nn.Module):
         self.eval()
 
     def train(self, mode: bool = True) -> VisionTower:
-        """Always in eval mode (frozen; no dropout), whatever the parent module asks."""
+        """Always in eval mode (no dropout), whatever the parent module asks: every recipe
+        keeps the vision group frozen (``fgvlm.training.recipe.group_schedules``)."""
         return super().train(False)
 
     @torch.no_grad()
@@ -187,7 +188,8 @@ class LlavaVLM(nn.Module):
         return 0
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by component: {"vision": [...], "connector": [...], "llm": [...]}."""
+        """Parameters by component: {"vision": [...], "connector": [...], "llm": [...]}, the
+        groups whose learning ``fgvlm.training.recipe`` schedules."""
         return {
             "vision": list(self.vision.parameters()),
             "connector": list(self.connector.parameters()),

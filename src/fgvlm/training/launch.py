@@ -10,7 +10,7 @@ trains in this process (one CPU or one GPU), or starts one process per GPU:
 The launcher is torchrun (``python -m torch.distributed.run``), or ``accelerate launch`` when an
 accelerate config file (FSDP, DeepSpeed; ``config/accelerate/``) is given: accelerate turns the
 file into the ``ACCELERATE_*``/``FSDP_*`` variables that ``Accelerator()`` reads in each worker.
-Every worker runs ``python -m fgvlm.launch --args-json PATH``: the stage's arguments, written
+Every worker runs ``python -m fgvlm.training.launch --args-json PATH``: the stage's arguments, written
 as JSON next to the state folder, go to ``fgvlm.stages.train_stage``; accelerate's ``PartialState``
 then picks up RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR from the launcher.
 
@@ -379,7 +379,7 @@ def run_or_launch(
     args_json = write_launch_args(kwargs, state_dir, entry=entry, plan=plan)
     cmd = None
     if not already_distributed(env):
-        module_args = ["fgvlm.launch", "--args-json", str(args_json)]
+        module_args = ["fgvlm.training.launch", "--args-json", str(args_json)]
         cmd = launch_command(plan, module_args, accelerate_config=accelerate_config)
     if cmd is None:
         log.info("training in this process (%s)", plan)
@@ -465,12 +465,14 @@ def probe_distributed(out_json: str, device: str = "cpu") -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fgvlm.launch --args-json PATH``: one worker of a launched stage."""
+    """``python -m fgvlm.training.launch --args-json PATH``: one worker of a launched stage."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
     from fgvlm import logs
 
-    parser = argparse.ArgumentParser(prog="python -m fgvlm.launch", description=main.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m fgvlm.training.launch", description=main.__doc__
+    )
     parser.add_argument("--args-json", required=True, type=Path)
     args = parser.parse_args(argv)
     logs.setup()

@@ -1,0 +1,1 @@
+"""Training: who learns when (``recipe``), checkpoints, the loop, one stage end to end, launch."""

@@ -1,0 +1,264 @@
+"""The training loop of every stage, from one CPU process to 16 GPUs (``train``).
+
+Who learns when comes from ``fgvlm.training.recipe.group_schedules`` (logged at the start of
+every run); checkpoints from ``fgvlm.training.checkpoint``. SIGTERM (SLURM's warning before a
+kill) makes every rank checkpoint at the next step and stop with ``Preempted``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fgvlm.training.checkpoint import (
+    init_optimizer_state,
+    is_deepspeed,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    torch_optimizer,
+)
+from fgvlm.training.recipe import (
+    Plan,
+    Recipe,
+    describe,
+    group_schedules,
+    lr_factor,
+    trainable_groups,
+)
+
+log = logging.getLogger(__name__)
+
+
+def drop_gradients(params: list) -> None:
+    """Forget the gradients of ``params``: AdamW skips parameters whose grad is None."""
+    for param in params:
+        param.grad = None
+
+
+class _Stop:
+    """SIGTERM (SLURM's warning before a kill) asks the loop to checkpoint and exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum, frame) -> None:  # noqa: ARG002
+        self.requested = True
+
+
+class Preempted(RuntimeError):
+    """Raised after a checkpoint was written in answer to SIGTERM; rerun to resume."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    final_loss: float
+    resumed_from: int
+
+
+def train(
+    model: Any,
+    batches: Callable[[int, int], Iterator[dict]],
+    recipe: Recipe,
+    plan: Plan,
+    state_dir: Path,
+    *,
+    seed: int,
+    checkpoint_every: int = 50,
+    accelerator=None,
+    log_path: Path | None = None,
+    flops_per_token: float | None = None,
+    peak_flops: float | None = None,
+    on_step: Callable[[int, Any], None] | None = None,
+    finish: Callable[[Any, TrainResult], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` (a VLM with ``parameter_groups()``) by ``recipe`` / ``plan``.
+
+    ``batches(epoch, skip)`` yields this rank's micro-batches of one epoch (dicts for
+    ``model(**batch)``), skipping the first ``skip`` (already consumed before a resume).
+    Resumes from the newest checkpoint in ``state_dir`` if there is one. ``on_step(step, model)``
+    is called after every optimizer step (observation only); ``finish(model, result)`` on every
+    rank after the last one, with the model ``accelerator.prepare`` returned (e.g. ``save_model``).
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    accelerator = accelerator or Accelerator(gradient_accumulation_steps=plan.grad_accum)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    schedules = group_schedules(recipe, plan)
+    if accelerator.is_main_process:
+        for line in describe(recipe, schedules):
+            log.info(line)
+    groups = trainable_groups(model, schedules)
+    optimizer = torch.optim.AdamW(groups, weight_decay=recipe.weight_decay)
+    start_of = {group.name: group.start_step for group in schedules}
+    starts = [start_of[g["name"]] for g in groups]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        [
+            (lambda s, st=st: lr_factor(s, st, plan.total_steps, recipe.warmup_ratio))
+            for st in starts
+        ],
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if not is_deepspeed(accelerator):  # DeepSpeed's optimizer makes its own state
+        init_optimizer_state(torch_optimizer(optimizer))
+    state_dir.mkdir(parents=True, exist_ok=True)
+
+    step, micro_in_epoch, epoch, resumed = 0, 0, 0, 0
+    checkpoint = latest_checkpoint(state_dir)
+    if checkpoint is not None:
+        position = load_checkpoint(
+            checkpoint, model, optimizer, scheduler, accelerator.process_index, accelerator
+        )
+        step, epoch, micro_in_epoch = position["step"], position["epoch"], position["micro"]
+        resumed = step
+        log.info(
+            "resuming %s at step %d (epoch %d, micro-batch %d)",
+            checkpoint,
+            step,
+            epoch,
+            micro_in_epoch,
+        )
+    late = [
+        (start, g["name"], g["params"]) for g, start in zip(groups, starts, strict=True) if start
+    ]
+
+    stop = _Stop()
+    previous = signal.signal(signal.SIGTERM, stop)
+    log_file = open(log_path, "a") if log_path else None  # noqa: SIM115
+    bar = tqdm(
+        total=plan.total_steps,
+        initial=step,
+        desc=recipe.stage,
+        unit="step",
+        disable=not accelerator.is_main_process,
+    )
+    started, tokens, last_loss, micro_losses = time.perf_counter(), 0, float("nan"), []
+    micro_per_epoch = plan.steps_per_epoch * plan.grad_accum
+    try:
+        model.train()
+        while step < plan.total_steps:
+            consumed = 0
+            for batch in batches(epoch, micro_in_epoch):
+                consumed += 1
+                with accelerator.accumulate(model):
+                    out = model(**batch)
+                    accelerator.backward(out.loss)
+                    if accelerator.sync_gradients:
+                        for start, _, params in late:
+                            if step < start:
+                                drop_gradients(params)  # e.g. the connector-only phase
+                        # all of model.parameters(): FSDP's shard-aware clipping needs them
+                        accelerator.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
+                        scheduler_due = True
+                    else:
+                        scheduler_due = False
+                    optimizer.step()  # a no-op until the accumulation cycle completes
+                    optimizer.zero_grad(set_to_none=True)
+                micro_in_epoch += 1
+                tokens += _lm_positions(accelerator.unwrap_model(model), batch)
+                micro_losses.append(float(out.loss.detach()))
+                if not scheduler_due:
+                    continue
+                scheduler.step()
+                step += 1
+                last_loss, micro_losses = sum(micro_losses) / len(micro_losses), []
+                for start, name, _ in late:
+                    if step == start:
+                        log.info("step %d: group %s learns from now on", step, name)
+                _log_step(
+                    log_file,
+                    accelerator,
+                    step,
+                    epoch,
+                    last_loss,
+                    optimizer,
+                    tokens,
+                    time.perf_counter() - started,
+                    flops_per_token,
+                    peak_flops,
+                )
+                if on_step is not None:
+                    on_step(step, accelerator.unwrap_model(model))
+                bar.set_postfix(loss=f"{last_loss:.3f}")
+                bar.update(1)
+                end_of_epoch = micro_in_epoch >= micro_per_epoch
+                if end_of_epoch:
+                    epoch, micro_in_epoch = epoch + 1, 0
+                stopping = _any_rank(stop.requested, accelerator)
+                if step % checkpoint_every == 0 or stopping or step == plan.total_steps:
+                    position = {"epoch": epoch, "micro": micro_in_epoch}
+                    save_checkpoint(
+                        state_dir, step, model, optimizer, scheduler, position, accelerator
+                    )
+                if stopping:
+                    raise Preempted(f"SIGTERM: checkpointed step {step} in {state_dir}; rerun")
+                if step >= plan.total_steps or end_of_epoch:
+                    break
+            else:
+                # this rank's stream ended before the planned micro-batches of the epoch
+                raise ValueError(
+                    f"epoch {epoch} gave {micro_in_epoch} micro-batches ({consumed} after the "
+                    f"resume point), fewer than the planned {micro_per_epoch}: the training "
+                    "stream is shorter than the plan (shards split unevenly across ranks?)"
+                )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        bar.close()
+        if log_file:
+            log_file.close()
+    result = TrainResult(step, time.perf_counter() - started, last_loss, resumed)
+    if finish is not None:
+        finish(model, result)
+    return result
+
+
+def _any_rank(flag: bool, accelerator: Any) -> bool:
+    """Whether ``flag`` is set on any rank: SIGTERM may reach the ranks at different steps,
+    and the checkpoint it asks for is a collective that all of them must join at one step."""
+    if accelerator.num_processes == 1:
+        return flag
+    import torch.distributed as dist
+
+    value = torch.tensor([int(flag)], device=accelerator.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _lm_positions(model: Any, batch: dict) -> int:
+    """Positions the LM processes in a batch: text tokens plus each spliced image's patches."""
+    count = int(batch["attention_mask"].sum())
+    pixels = batch.get("pixel_values")
+    patches = getattr(getattr(model, "vision", None), "num_patches", None)
+    if pixels is not None and patches:
+        count += int(pixels.shape[0]) * (patches - 1)  # the placeholder became num_patches
+    return count
+
+
+def _log_step(log_file, accelerator, step, epoch, loss, optimizer, tokens, elapsed, fpt, peak):
+    """One JSON line per optimizer step: loss, learning rates, tokens/s and (with peak FLOPs) MFU."""
+    if not (log_file and accelerator.is_main_process):
+        return
+    record = {
+        "step": step,
+        "epoch": epoch,
+        "loss": loss,
+        "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
+        "tokens_per_s": tokens / elapsed if elapsed else None,
+        "mfu": fpt * tokens / elapsed / peak if (fpt and peak and elapsed) else None,
+    }
+    log_file.write(json.dumps(record) + "\n")
+    log_file.flush()
