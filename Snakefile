@@ -24,12 +24,12 @@ onstart:
 
 rule all_ablations:
     input:
-        "results/tables/ablations.csv",
+        paths.table("ablations.csv"),
 
 
 rule all_models:
     input:
-        "results/tables/models.csv",
+        paths.table("models.csv"),
 
 
 rule all:

@@ -3,15 +3,10 @@
 import fgvlm.report.aggregate as fra
 
 STUDY = fc.report_spec(config)
-STUDY_FILES = fra.study_files(STUDY, "results")
+STUDY_FILES = fra.study_files(STUDY, paths.RESULTS)
 MODELS_STUDY = fc.models_spec(config)
-MODEL_FILES = fra.model_files(MODELS_STUDY, "results")
-FIGURE2 = STUDY["report"].get("figure2") or {}
-LEADERBOARD = (
-    {"leaderboard": fra.leaderboard_file(FIGURE2.get("leaderboard"))}
-    if FIGURE2.get("general") == "leaderboard"
-    else {}
-)
+MODEL_FILES = fra.model_files(MODELS_STUDY, paths.RESULTS)
+FIGURES = [*paths.FIGURE_NAMES, "confusion"]
 
 
 rule aggregate_ablations:
@@ -19,24 +14,22 @@ rule aggregate_ablations:
         fra.flat_files(STUDY_FILES),
     output:
         ablations=report(
-            "results/tables/ablations.csv",
+            paths.table("ablations.csv"),
             caption="../workflow/report/ablations.rst",
             category="Tables",
         ),
         effects=report(
-            "results/tables/effects.csv",
+            paths.table("effects.csv"),
             caption="../workflow/report/effects.rst",
             category="Tables",
         ),
         effects_summary=report(
-            "results/tables/effects_summary.csv",
+            paths.table("effects_summary.csv"),
             caption="../workflow/report/effects.rst",
             category="Tables",
         ),
-        table1="results/tables/table1.csv",
-        tables=expand(
-            "results/tables/table{n}.{ext}", n=[1, 2, 3, 4], ext=["md", "tex"]
-        ),
+        table1=paths.table("table1.csv"),
+        tables=expand(paths.table("table{n}.{ext}"), n=[1, 2, 3, 4], ext=["md", "tex"]),
     log:
         "logs/aggregate/ablations.log",
     conda:
@@ -56,7 +49,7 @@ rule aggregate_models:
         fra.flat_files(MODEL_FILES),
     output:
         report(
-            "results/tables/models.csv",
+            paths.table("models.csv"),
             caption="../workflow/report/models.rst",
             category="Tables",
         ),
@@ -76,24 +69,18 @@ rule aggregate_models:
 
 rule figures:
     input:
-        ablations="results/tables/ablations.csv",
-        effects="results/tables/effects.csv",
-        effects_summary="results/tables/effects_summary.csv",
-        table1="results/tables/table1.csv",
-        models="results/tables/models.csv",
-        details=confusion_details(),
-        **LEADERBOARD,
+        **paths.figure_inputs(config),
     output:
         # one report entry per figure, each with its own caption
         **{
             name: report(
-                f"results/figures/{name}.svg",
+                f"{paths.FIGURES}/{name}.svg",
                 caption=f"../workflow/report/{name}.rst",
                 category="Figures",
             )
             for name in FIGURES
         },
-        html=expand("results/figures/{name}.html", name=FIGURES),
+        html=expand(paths.FIGURES + "/{name}.html", name=FIGURES),
     log:
         "logs/aggregate/figures.log",
     conda:

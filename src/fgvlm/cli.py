@@ -216,6 +216,38 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_aggregate_ablations(args: argparse.Namespace, cfg: dict) -> None:
+    from fgvlm.report.aggregate import study_files
+
+    spec = study.report_spec(cfg)
+    out = stages.aggregate_ablations(
+        spec, study_files(spec, paths.RESULTS), args.out or paths.TABLES
+    )
+    print(f"{out['rows']} rows, {out['pairs']} one-factor pairs: {out['ablations']}")
+
+
+def cmd_aggregate_models(args: argparse.Namespace, cfg: dict) -> None:
+    from fgvlm.report.aggregate import model_files
+
+    spec = study.models_spec(cfg)
+    out = args.out or paths.table("models.csv")
+    stages.aggregate_models(spec, model_files(spec, paths.RESULTS), out)
+    print(out)
+
+
+def cmd_figures(args: argparse.Namespace, cfg: dict) -> None:
+    inputs = paths.figure_inputs(cfg)
+    written = stages.make_figures(
+        inputs,
+        args.out or paths.FIGURES,
+        report=study.report_spec(cfg)["report"],
+        repos=study.models_spec(cfg)["repos"],
+        row_encoders=study.row_encoders(cfg),
+        confusion_title=f"Per-class accuracy and confusions: {inputs['details']}",
+    )
+    print(f"{len(written)} files in {args.out or paths.FIGURES}")
+
+
 def _lookup(cfg: dict, table: str, name: str) -> dict:
     entries = cfg[table]
     if name not in entries:
@@ -310,6 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a trained row name or hub-<name>")
     p.add_argument("--benchmark", required=True)
     p.add_argument("--model-dir")
+
+    p = add("aggregate-ablations", cmd_aggregate_ablations, "Table 2, the effects and Table 1.")
+    p.add_argument("--out", help="tables folder")
+
+    p = add("aggregate-models", cmd_aggregate_models, "Section 3's table of released models.")
+    p.add_argument("--out", help="CSV file")
+
+    p = add("figures", cmd_figures, "Figures 2-8 and the per-class view (rule figures).")
+    p.add_argument("--out", help="figures folder")
 
     p = add(
         "aggregate",

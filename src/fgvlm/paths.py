@@ -42,8 +42,10 @@ DETAILS = "results/metrics/{model}/{vlm_benchmark}.details.json"
 PARTS = "results/parts/{model}/{vlm_benchmark}"
 
 # Report
+RESULTS = "results"
 TABLES = "results/tables"
 FIGURES = "results/figures"
+FIGURE_NAMES = ("figure2", "figure3", "figure4", "figure5", "figure6", "figure7", "figure8")
 
 
 def world_dirs(worlds: list[str]) -> list[str]:
@@ -163,4 +165,27 @@ def eval_vlm_inputs(config: dict, model: str, benchmark: str) -> dict[str, str]:
         inputs["questions"] = QUESTIONS.format(benchmark=benchmark)
     else:
         inputs["data"] = VQA_TSV.format(vqa=benchmark)
+    return inputs
+
+
+def table(name: str) -> str:
+    return f"{TABLES}/{name}"
+
+
+def figure_inputs(config: dict) -> dict[str, str]:
+    """What the figures read: the tables, the per-class details of the first trained row (else
+    the first CLIP baseline) on the first fine-grained benchmark, and Figure 2's leaderboard CSV
+    when its x-axis is the leaderboard's average."""
+    rows = study.trained_rows(config) or config["ablations"]
+    model = study.model_of_row(rows[0]) if rows else f"clip-{config['clip_eval']['models'][0]}"
+    inputs = {
+        name: table(f"{name}.csv")
+        for name in ("ablations", "effects", "effects_summary", "table1", "models")
+    }
+    inputs["details"] = DETAILS.format(model=model, vlm_benchmark=next(iter(config["benchmarks"])))
+    figure2 = config["report"].get("figure2") or {}
+    if figure2.get("general") == "leaderboard":
+        from fgvlm.report.aggregate import leaderboard_file
+
+        inputs["leaderboard"] = leaderboard_file(figure2.get("leaderboard"))
     return inputs
