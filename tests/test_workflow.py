@@ -163,7 +163,7 @@ def test_demo_builds_the_ablation_table(demo_run):
 
 @pytest.mark.slow
 def test_best_finetuned_row_doubles_chance_on_every_fine_grained_benchmark(demo_run):
-    """Issue 4: image features reach the LM in the demo's own runs (chance is 20%, 5 options)."""
+    """Image features reach the LM in the demo's own runs (chance is 20%, 5 options)."""
     table = pl.read_csv(demo_run / "results" / "tables" / "ablations.csv")
     demo = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
     worst_benchmark = table.select(pl.min_horizontal(*demo["benchmarks"])).to_series()

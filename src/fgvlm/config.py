@@ -415,22 +415,10 @@ def pretrain_key_of(config: dict, row: dict) -> str | None:
     return None if spec is None else pretrain_key(spec, config["seed"])
 
 
-def trained_llms(config: dict) -> list[str]:
-    """LLMs some trained LLaVA-architecture row needs."""
-    rows = [r for r in trained_rows(config) if r["arch"] == "llava"]
-    return list(dict.fromkeys(r["llm"] for r in rows))
 
 
-def trained_bases(config: dict) -> list[str]:
-    return list(dict.fromkeys(r["base"] for r in trained_rows(config) if r["arch"] == "qwen2_vl"))
 
 
-def train_data_names(config: dict) -> list[str]:
-    """Training data some trained row uses."""
-    used = []
-    for row in trained_rows(config):
-        used += [v for v in (row["pt_data"], row["ft_data"]) if v not in NO_DATA]
-    return list(dict.fromkeys(used))
 
 
 def encoder_clip(config: dict, encoder: str) -> str:

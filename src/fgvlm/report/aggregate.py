@@ -23,8 +23,7 @@ from tqdm import tqdm
 
 from fgvlm import io
 from fgvlm.config import ConfigError, load_schema
-from fgvlm.report import effects as fe
-from fgvlm.report import tables as ft
+from fgvlm.report import effects, tables
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +86,7 @@ def read_metrics_csv(path: str | Path) -> pl.DataFrame:
     a (model, benchmark) given twice, an unknown group.
     """
     path = Path(path)
-    frame = _read_text_csv(path, ft.METRIC_COLUMNS)
+    frame = _read_text_csv(path, tables.METRIC_COLUMNS)
     numbers = frame["accuracy"].cast(pl.Float64, strict=False)
     bad = frame.with_row_index().filter(numbers.is_null() | numbers.is_nan())
     if bad.height:
@@ -114,7 +113,7 @@ def read_runs_csv(path: str | Path) -> pl.DataFrame:
     Errors name the file and line: missing columns, empty cells, a run given twice.
     """
     path = Path(path)
-    frame = _read_text_csv(path, ("run", *ft.FACTORS))
+    frame = _read_text_csv(path, ("run", *tables.FACTORS))
     dup = _first_duplicate(frame, ["run"])
     if dup:
         raise ValueError(f"{path}: line {dup[0]}: run repeats line {dup[1]}")
@@ -139,9 +138,9 @@ def benchmark_lists(
         fine = pairs.filter(pl.col("group") == "fine_grained")["benchmark"].to_list()
         gen = pairs.filter(pl.col("group") == "general")["benchmark"].to_list()
     else:
-        fine = list(ft.FINE_GRAINED if fine_grained is None else fine_grained)
-        gen = list(ft.GENERAL if general is None else general)
-    ft.check_benchmark_lists(fine, gen)
+        fine = list(tables.FINE_GRAINED if fine_grained is None else fine_grained)
+        gen = list(tables.GENERAL if general is None else general)
+    tables.check_benchmark_lists(fine, gen)
     listed = set(fine) | set(gen)
     for i, bench in enumerate(metrics["benchmark"]):
         if bench not in listed:
@@ -183,23 +182,23 @@ def write_tables(
     """Markdown and LaTeX renderings of Tables 1 (when ``summary`` is given), 2, 3 and 4 as
     ``out_dir``/table<N>.md and .tex; ``labels`` are benchmark headers."""
     out_dir = Path(out_dir)
-    fine, general = ft.benchmark_groups(table)
+    fine, general = tables.benchmark_groups(table)
     views = {}
     bold: dict[str, list[int]] = {}
     if summary is not None:
-        views["table1"] = ft.summary_view(summary)
+        views["table1"] = tables.summary_view(summary)
         bold["table1"] = [i for i, r in enumerate(summary["released"]) if r]
-    views["table2"] = ft.aggregated_view(table)
+    views["table2"] = tables.aggregated_view(table)
     if general:
-        views["table3"] = ft.benchmarks_view(table, general, labels=labels)
+        views["table3"] = tables.benchmarks_view(table, general, labels=labels)
     if fine:
-        views["table4"] = ft.benchmarks_view(table, fine, labels=labels)
+        views["table4"] = tables.benchmarks_view(table, fine, labels=labels)
     written = []
     for name, view in views.items():
         caption, label = CAPTIONS[name]
         for suffix, text in (
-            ("md", ft.to_markdown(view, caption, bold_rows=bold.get(name, ()))),
-            ("tex", ft.to_latex(view, caption, label, bold_rows=bold.get(name, ()))),
+            ("md", tables.to_markdown(view, caption, bold_rows=bold.get(name, ()))),
+            ("tex", tables.to_latex(view, caption, label, bold_rows=bold.get(name, ()))),
         ):
             path = out_dir / f"{name}.{suffix}"
             _write_text(text, path)
@@ -243,10 +242,10 @@ def build_outputs(
     general: Sequence[str],
     report: Mapping[str, Any] | None = None,
     released: pl.DataFrame | None = None,
-    paired: fe.Paired | None = None,
+    paired: effects.Paired | None = None,
     exclude: Iterable[str] = (),
     labels: Mapping[str, str] | None = None,
-    n_resamples: int = fe.N_RESAMPLES,
+    n_resamples: int = effects.N_RESAMPLES,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Everything the report derives from the numbers, written into ``out_dir``:
@@ -261,8 +260,8 @@ def build_outputs(
     report = dict(report or {})
     entries = list(report.get("table1") or [])
     _check_table1_runs(entries, runs["run"], "report")
-    table = ft.ablations_table(metrics, runs, fine_grained=fine_grained, general=general)
-    pairs, summary = fe.factor_effects(
+    table = tables.ablations_table(metrics, runs, fine_grained=fine_grained, general=general)
+    pairs, summary = effects.factor_effects(
         table,
         paired=paired,
         exclude=exclude,
@@ -281,8 +280,8 @@ def build_outputs(
     write_csv(summary, paths["effects_summary"])
     averages = None
     if released is not None and released.height:
-        averages = ft.model_averages(released, fine_grained=fine_grained, general=general)
-    summary_rows = ft.table1(table, entries, released=averages, exclude=exclude)
+        averages = tables.model_averages(released, fine_grained=fine_grained, general=general)
+    summary_rows = tables.table1(table, entries, released=averages, exclude=exclude)
     write_csv(summary_rows, paths["table1"])  # Table 1's rows; its chain is Figure 8
     rendered = write_tables(table, out_dir, summary=summary_rows, labels=labels)
     log.info("aggregated %d rows, %d one-factor pairs into %s", table.height, pairs.height, out_dir)
@@ -323,13 +322,13 @@ def aggregate(
     if unknown:
         raise ValueError(f"{runs_csv}: excluded run {unknown[0]!r} is not a run")
     return build_outputs(
-        metrics.filter(~is_released).select(ft.METRIC_COLUMNS),
+        metrics.filter(~is_released).select(tables.METRIC_COLUMNS),
         runs,
         out_dir,
         fine_grained=fine,
         general=gen,
         report=report,
-        released=metrics.filter(is_released).select(ft.METRIC_COLUMNS),
+        released=metrics.filter(is_released).select(tables.METRIC_COLUMNS),
         exclude=exclude,
     )
 
@@ -472,7 +471,7 @@ def aggregate_study(spec: Mapping[str, Any], files: Mapping[str, Any], out_dir: 
     released = collect_metrics(files["released"]) if files["released"] else None
     return build_outputs(
         collect_metrics(files["metrics"]),
-        pl.DataFrame(spec["runs"], schema=dict.fromkeys(("run", *ft.FACTORS), pl.Utf8)),
+        pl.DataFrame(spec["runs"], schema=dict.fromkeys(("run", *tables.FACTORS), pl.Utf8)),
         out_dir,
         fine_grained=spec["fine_grained"],
         general=spec["general"],
@@ -503,7 +502,7 @@ def model_files(spec: Mapping[str, Any], results_dir: str | Path = "results") ->
 
 def aggregate_models(spec: Mapping[str, Any], files: Mapping[str, Any], out_path: str | Path):
     """Section 3's table (``tables.models_table``) from ``model_files``, written as CSV."""
-    table = ft.models_table(
+    table = tables.models_table(
         collect_metrics(files["vlms"]),
         collect_metrics(files["clips"], nway=True),
         fine_grained=spec["fine_grained"],

@@ -517,17 +517,6 @@ def summary_view(summary: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(records, schema=dict.fromkeys(columns, pl.Utf8), orient="row")
 
 
-def models_view(models: pl.DataFrame) -> pl.DataFrame:
-    """Section 3's models with readable headers."""
-    return models.select(
-        pl.col("label").alias("Model"),
-        pl.col("kind").replace_strict({"vlm": "VLM", "clip": "CLIP"}).alias("Kind"),
-        pl.col("fine_grained").alias("Fine-grained (5-way)"),
-        pl.col("general").alias("General VQA"),
-        pl.col("n_way").alias("Fine-grained (N-way)"),
-    )
-
-
 # --- renderings --------------------------------------------------------------------------------
 
 
