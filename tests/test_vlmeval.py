@@ -263,10 +263,12 @@ def test_reads_every_synthetic_style(tmp_path, style):
     assert counts["rows"] == len(frame) == 40
     expected = frame if split is None else frame[frame["split"] == split]
     assert [r["qid"] for r in records] == [str(i) for i in expected["index"]]
-    assert [r["answer"] for r in records] == list(expected["answer"])
+    gold = [r["options"][0] if r["open"] else r["answer"] for r in records]
+    assert gold == [str(a) for a in expected["answer"]]  # open: A = the gold text
     for record in records:
         assert record["answer"] in "ABCDE"[: len(record["options"])]
-        assert Image.open(io.BytesIO(record["image"])).size == (16, 16)
+        assert record["image"] == record["images"][0]
+        assert all(Image.open(io.BytesIO(b)).size == (16, 16) for b in record["images"])
     if style == "mmbench":
         assert counts["image_references"] > 0 and counts["circular"] > 0
         for record in records:  # a CircularEval copy shows its base question's image
@@ -275,6 +277,7 @@ def test_reads_every_synthetic_style(tmp_path, style):
     if style == "mmmu":
         assert counts["skipped_split"] == 40 - len(records) > 0
         assert all(r["question"].startswith("<image 1> ") for r in records)
+        assert counts["open"] > 0 and counts["multi_image"] > 0 and counts["skipped"] == 0
 
 
 def test_question_source_checks_the_count_and_reports_skipped_rows(tmp_path):
