@@ -13,6 +13,7 @@ import torchvision.datasets.utils as tv_utils
 from PIL import Image
 from scipy.io import savemat
 
+from fgvlm.cli import main
 from fgvlm.data import classification, folder, imagenet, manifest
 from fgvlm.data.classification import load_classnames
 
@@ -170,6 +171,24 @@ def test_build_manifest_checks_count(food_root):
         classification.build_manifest("food101", food_root, 25250)
 
 
+def test_torchvision_count_checked_with_a_switch_to_accept(food_root, monkeypatch, caplog):
+    from fgvlm.data.benchmarks import read_benchmark
+
+    monkeypatch.setattr(tv_utils, "_urlretrieve", lambda *a, **k: pytest.fail("no download"))
+    source = {"type": "torchvision", "name": "food101", "expected_count": 25250}
+    spec = {"source": source, "classnames": "food101_torchvision_order", "metric": "accuracy"}
+    with pytest.raises(ValueError, match=f"{food_root}: .*images 3 \\(expected 25250\\)"):
+        read_benchmark(
+            {**spec, "source": {**source, "accept_count_mismatch": False}}, raw_dir=food_root
+        )
+    with caplog.at_level("WARNING"):
+        accepted = read_benchmark(
+            {**spec, "source": {**source, "accept_count_mismatch": True}}, raw_dir=food_root
+        )
+    assert accepted.frame.height == 3 and accepted.stats["matches"] is False
+    assert "images 3 (expected 25250) (accepted" in caplog.text
+
+
 def test_missing_annotation_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"flowers-102/imagelabels\.mat"):
         classification.read_flowers102(tmp_path)
@@ -263,19 +282,73 @@ def _annotations() -> dict:
 
 def test_select_subset_rule_and_counts():
     subset = imagenet.select_subset(_annotations())
-    assert subset == [("ILSVRC2012_val_00000001.JPEG", 999), ("ILSVRC2012_val_00000003.JPEG", 0)]
-    assert imagenet.subset_counts(subset) == {"images": 2, "classes": 2}
-    loose = imagenet.select_subset(_annotations(), min_wrong=1)
-    assert [name for name, _ in loose][:3] == [
+    assert subset == [
+        ("ILSVRC2012_val_00000001.JPEG", [999]),
+        ("ILSVRC2012_val_00000003.JPEG", [0]),
+        ("ILSVRC2012_val_00000004.JPEG", [20, 21]),  # several correct labels: kept
+    ]
+    # image 4's ILSVRC label is 20 or 21: the classes are bounded, not known
+    assert imagenet.subset_counts(subset) == {
+        "images": 3, "classes": None, "classes_min": 2, "classes_max": 4,
+    }  # fmt: skip
+    single = imagenet.select_subset(_annotations(), single_correct=True)
+    assert single == [
+        ("ILSVRC2012_val_00000001.JPEG", [999]),
+        ("ILSVRC2012_val_00000003.JPEG", [0]),
+    ]
+    assert imagenet.subset_counts(single) == {
+        "images": 2, "classes": 2, "classes_min": 2, "classes_max": 2,
+    }  # fmt: skip
+    loose = imagenet.select_subset(_annotations(), min_wrong=1, single_correct=True)
+    assert [name for name, _ in loose] == [
         "ILSVRC2012_val_00000001.JPEG",
         "ILSVRC2012_val_00000002.JPEG",
         "ILSVRC2012_val_00000003.JPEG",
     ]
-    assert imagenet.subset_counts(loose) == {"images": 3, "classes": 2}
-    assert imagenet.subset_negatives(_annotations()) == {
+    assert imagenet.subset_counts(loose)["classes"] == 2
+    with_problematic = imagenet.select_subset(
+        _annotations(), single_correct=True, keep_problematic=True
+    )
+    assert [n for n, _ in with_problematic][-1] == "ILSVRC2012_val_00000005.JPEG"
+    assert imagenet.subset_negatives(_annotations(), single_correct=True) == {
         "ILSVRC2012_val_00000001": [5, 6, 7, 8, 9],
         "ILSVRC2012_val_00000003": [1, 2, 3, 4],
     }
+
+
+def test_candidate_rules_and_the_paper_counts(monkeypatch):
+    annotations = _annotations()
+    assert imagenet.annotated_pool(annotations) == {
+        "val_images": 6, "val_labelled": 6, "val_not_problematic": 5,
+    }  # fmt: skip
+    rows = imagenet.candidate_rule_counts(annotations, (3, 4))
+    by_rule = {(r["single_correct"], r["keep_problematic"], r["min_wrong"]): r for r in rows}
+    assert len(rows) == 8
+    assert by_rule[(True, False, 4)]["images"] == 2
+    assert by_rule[(True, False, 3)]["images"] == 3
+    assert by_rule[(True, True, 4)]["images"] == 3
+    assert by_rule[(False, False, 4)]["classes_max"] == 4
+    assert not any(r["matches_paper"] for r in rows)
+    # a rule that gives the paper's counts is flagged
+    monkeypatch.setattr(imagenet, "PAPER_SUBSET_COUNTS", {"images": 3, "classes": 3})
+    rows = imagenet.candidate_rule_counts(annotations, (3, 4))
+    matching = [
+        (r["single_correct"], r["keep_problematic"], r["min_wrong"])
+        for r in rows
+        if r["matches_paper"]
+    ]
+    assert matching == [(True, True, 4), (False, False, 4)]
+
+
+def test_cli_imagenet_subset_prints_every_candidate_rule(annotations_file, capsys):
+    assert main(["imagenet-subset", "--annotations", str(annotations_file)]) == 0
+    out = capsys.readouterr().out
+    assert "5,457 images, 928 classes" in out
+    assert "val_images 6, val_labelled 6, val_not_problematic 5" in out
+    lines = [line.split() for line in out.splitlines() if line.split()[:1] in (["True"], ["False"])]
+    assert len(lines) == 20  # 2 x 2 x min_wrong 1..5
+    assert ["True", "False", "4", "2", "2-2"] in lines
+    assert ["False", "False", "4", "3", "2-4"] in lines
 
 
 def test_select_subset_rejects_unknown_wordnet_id():
@@ -300,7 +373,7 @@ def test_read_imagenet_subset(tmp_path, annotations_file, layout):
     for number, label in [(1, 999), (2, 0), (3, 0), (4, 20), (5, 30), (6, 40)]:
         name = f"ILSVRC2012_val_{number:08d}.JPEG"
         _jpeg(val / name if layout == "flat" else val / W[label] / name)
-    frame = imagenet.read_imagenet_subset(val, annotations_file)
+    frame = imagenet.read_imagenet_subset(val, annotations_file, single_correct=True)
     names = load_classnames("imagenet1k_openai")
     assert _rows(frame) == [
         ("ILSVRC2012_val_00000001", 999, names[999], "test"),
@@ -308,6 +381,62 @@ def test_read_imagenet_subset(tmp_path, annotations_file, layout):
     ]
     folder_part = "" if layout == "flat" else f"{W[0]}/"
     assert frame["path"][1] == str(val / f"{folder_part}ILSVRC2012_val_00000003.JPEG")
+    if layout == "flat":  # image 4 has two correct labels: only its synset folder tells which
+        with pytest.raises(ValueError, match=r"ILSVRC2012_val_00000004.JPEG: correct labels"):
+            imagenet.read_imagenet_subset(val, annotations_file)
+    else:
+        frame = imagenet.read_imagenet_subset(val, annotations_file)
+        assert _rows(frame)[-1] == ("ILSVRC2012_val_00000004", 20, names[20], "test")
+
+
+def _imagenet_spec(tmp_path, offline_downloads, **source) -> dict:
+    """A benchmark spec of the ImageNet subset over a fabricated val folder and annotations."""
+    val = tmp_path / "val"
+    for number, label in [(1, 999), (3, 0), (4, 20)]:
+        _jpeg(val / W[label] / f"ILSVRC2012_val_{number:08d}.JPEG")
+    url = "https://example.org/human_accuracy_v3.0.0.json"
+    body = json.dumps(_annotations()).encode()
+    offline_downloads[url] = body
+    defaults = {"min_wrong": 4, "single_correct": False, "keep_problematic": False}
+    return {
+        "source": {
+            "type": "imagenet_subset",
+            "val_dir": str(val),
+            "annotations": {"url": url, "md5": hashlib.md5(body).hexdigest()},
+            **defaults,
+            **source,
+        },
+        "classnames": "imagenet1k_openai",
+        "metric": "mean_per_class",
+    }
+
+
+def test_imagenet_manifest_counts_checked_against_the_paper(tmp_path, offline_downloads):
+    from fgvlm import stages
+
+    outputs = {
+        name: tmp_path / "out" / f"{name}.json" for name in ("manifest", "classes", "candidates")
+    }
+    outputs["stats"] = tmp_path / "out" / "manifest_stats.json"
+    paper = {"images": 5457, "classes": 928}
+    spec = _imagenet_spec(
+        tmp_path, offline_downloads, expected_count=paper, accept_count_mismatch=False
+    )
+    with pytest.raises(ValueError) as err:
+        stages.build_manifest(spec, **outputs, raw_dir=tmp_path / "raw")
+    message = str(err.value)
+    assert str(tmp_path / "val") in message
+    assert "images 3 (expected 5457), classes 3 (expected 928)" in message
+    assert not outputs["stats"].exists() and not outputs["manifest"].exists()
+    spec["source"]["accept_count_mismatch"] = True
+    stages.build_manifest(spec, **outputs, raw_dir=tmp_path / "raw")
+    stats = json.loads(outputs["stats"].read_text())
+    assert stats == {
+        "images": 3, "classes": 3, "classes_listed": 1000, "expected": paper, "matches": False,
+    }  # fmt: skip
+    spec["source"].update(expected_count={"images": 3, "classes": 3}, accept_count_mismatch=False)
+    stages.build_manifest(spec, **outputs, raw_dir=tmp_path / "raw")
+    assert json.loads(outputs["stats"].read_text())["matches"] is True
 
 
 def test_read_imagenet_subset_missing_or_misfiled_image(tmp_path, annotations_file):

@@ -34,6 +34,7 @@ def outputs(tmp: Path) -> dict[str, Path]:
         "manifest": out / "manifest.parquet",
         "classes": out / "classes.json",
         "candidates": out / "candidates.json",
+        "stats": out / "manifest_stats.json",
     }
 
 
@@ -44,6 +45,10 @@ def test_image_folder_manifest(tmp_path):
     assert pl.read_parquet(outputs(tmp_path)["manifest"]).height == 6
     assert json.loads((tmp_path / "out" / "classes.json").read_text()) == ["arctic fox", "red fox"]
     assert (tmp_path / "out" / "candidates.json").read_text().strip() == "null"
+    stats = json.loads((tmp_path / "out" / "manifest_stats.json").read_text())
+    assert stats == {
+        "images": 6, "classes": 2, "classes_listed": 2, "expected": None, "matches": True,
+    }  # fmt: skip
 
 
 def test_corrupt_image_fails_naming_the_file_and_writes_nothing(tmp_path):

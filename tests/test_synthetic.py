@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import base64
 import hashlib
 import io
@@ -157,12 +158,16 @@ def test_vqa_tsv_parses_and_is_deterministic(tmp_path: Path, style: str) -> None
     images = {str(i): str(cell) for i, cell in zip(frame["index"], frame["image"], strict=True)}
     for _, row in frame.iterrows():
         letters = _letters(row)
-        assert 2 <= len(letters) <= 5 and letters == list("ABCDE"[: len(letters)])
-        assert row["answer"] in letters
+        if row.get("question_type") == "open":  # MMMU: no options, the answer is the text
+            assert letters == [] and isinstance(row["answer"], str | int)
+        else:
+            assert 2 <= len(letters) <= 5 and letters == list("ABCDE"[: len(letters)])
+            assert row["answer"] in letters
         cell = images[str(row["index"])]
         if len(cell) <= 64:  # VLMEvalKit: a short cell is the index of the row holding the image
             cell = images[cell]
-        assert _decode(cell).size == (32, 32)
+        cells = ast.literal_eval(cell) if cell.startswith("[") else [cell]  # MMMU: several
+        assert all(_decode(c).size == (32, 32) for c in cells)
     if style == "mmstar":
         assert all(len(_letters(row)) == 4 for _, row in frame.iterrows())
 
@@ -182,5 +187,11 @@ def test_vqa_tsv_style_quirks(tmp_path: Path) -> None:
     mmmu = pd.read_csv(tmp_path / "mmmu.tsv", sep="\t")
     assert set(mmmu["split"]) == {"dev", "validation"}
     assert mmmu["question"].str.startswith("<image 1>").all()
+    open_rows = mmmu[mmmu["question_type"] == "open"]
+    assert len(open_rows) > 0 and open_rows["A"].isna().all()
+    pairs = mmmu[mmmu["image"].astype(str).str.startswith("[")]
+    assert len(pairs) > 0 and pairs["question"].str.startswith("<image 1> <image 2> ").all()
+    for _, row in pairs.iterrows():
+        assert len(ast.literal_eval(row["image"])) == len(ast.literal_eval(row["image_path"])) == 2
     with pytest.raises(ValueError, match="'seed'.*mmbench, mmmu, mmstar"):
         write_vqa_tsv(tmp_path / "x.tsv", seed=0, style="seed")

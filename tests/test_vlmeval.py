@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from fgvlm.data.synthetic_vqa import write_vqa_tsv
-from fgvlm.data.vlmeval import read_vlmeval_tsv, scan_vlmeval_tsv, summarize_tsv
+from fgvlm.data.vlmeval import check_count, read_vlmeval_tsv, scan_vlmeval_tsv, summarize_tsv
 
 NAN = math.nan
 
@@ -68,8 +68,8 @@ def test_mmbench_quirks(tmp_path):
     assert circular["group"] == "0" and first["group"] == "0" and shape["group"] == "2"
     assert all(r["n_images"] == 1 for r in records)
     assert counts == {
-        "rows": 4, "questions": 4, "skipped_split": 0, "skipped_open": 0,
-        "image_references": 2, "multi_image": 0, "circular": 1,
+        "rows": 4, "questions": 4, "base_questions": 3, "skipped_split": 0, "open": 0, "skipped": 0,
+        "image_references": 2, "multi_image": 0, "circular": 1, "skipped_rows": [],
     }  # fmt: skip
     summary = summarize_tsv(records)
     assert summary == {
@@ -78,6 +78,7 @@ def test_mmbench_quirks(tmp_path):
         "options": {"2": 1, "3": 1, "4": 2},
         "with_hint": 2,
         "multi_image": 0,
+        "open": 0,
         "circular": 1,
         "groups": 3,
     }
@@ -86,45 +87,104 @@ def test_mmbench_quirks(tmp_path):
 
 
 def mmmu_rows() -> list[dict]:
-    """MMMU_DEV_VAL's layout: split column, A-I, open questions, multi-image cells."""
+    """MMMU_DEV_VAL's layout: split column, A-I, open questions, multi-image cells with their
+    ``image_path`` names."""
     empty = {letter: NAN for letter in "ABCDEFGHI"}
     return [
         {"index": 0, "question": "<image 1> Which style?", **empty, "A": "baroque",
-         "B": "gothic", "answer": "A", "category": "Art", "image": RED, "id": "dev_Art_1",
-         "split": "dev", "question_type": "multiple-choice"},
+         "B": "gothic", "answer": "A", "category": "Art", "image": RED, "image_path": "0.jpg",
+         "id": "dev_Art_1", "split": "dev", "question_type": "multiple-choice"},
         {"index": 1, "question": "<image 1> <image 2> Which is larger?", **empty, "A": "left",
          "B": "right", "C": "same", "D": "unclear", "E": "neither", "answer": "E",
-         "category": "Math", "image": json.dumps([GREEN, BLUE]), "id": "validation_Math_1",
+         "category": "Math", "image": json.dumps([GREEN, BLUE]),
+         "image_path": json.dumps(["1--1.jpg", "1--2.jpg"]), "id": "validation_Math_1",
          "split": "validation", "question_type": "multiple-choice"},
         {"index": 2, "question": "<image 1> What is x?", **empty, "answer": "42",
-         "category": "Math", "image": BLUE, "id": "validation_Math_2", "split": "validation",
-         "question_type": "open"},
+         "category": "Math", "image": BLUE, "image_path": "2.jpg", "id": "validation_Math_2",
+         "split": "validation", "question_type": "open"},
         # pandas writes a Python list with single quotes
         {"index": 3, "question": "<image 1> Which design?", **empty, "A": "a", "B": "b",
          "C": "c", "answer": "C", "category": "Design", "image": str([BLUE, RED, GREEN]),
-         "id": "validation_Design_1", "split": "validation", "question_type": "multiple-choice"},
-        {"index": 4, "question": "<image 1> Which map?", **empty, "A": "one", "B": "two",
-         "answer": "B", "category": "Geography", "image": GREEN, "id": "validation_Geo_1",
+         "image_path": str(["3--1.jpg", "3--2.jpg", "3--3.jpg"]), "id": "validation_Design_1",
          "split": "validation", "question_type": "multiple-choice"},
+        {"index": 4, "question": "<image 1> Which map?", **empty, "A": "one", "B": "two",
+         "answer": "B", "category": "Geography", "image": GREEN, "image_path": "4.jpg",
+         "id": "validation_Geo_1", "split": "validation", "question_type": "multiple-choice"},
+        # an open question whose gold answer is itself a letter (VLMEvalKit keeps the letter)
+        {"index": 5, "question": "<image 1> Which panel?", **empty, "answer": "B",
+         "category": "Art", "image": RED, "image_path": "5.jpg", "id": "validation_Art_2",
+         "split": "validation", "question_type": "open"},
     ]  # fmt: skip
 
 
 def test_mmmu_split_open_questions_and_multi_image(tmp_path):
     path = write_tsv(tmp_path / "MMMU_DEV_VAL.tsv", mmmu_rows())
     records, counts = scan_vlmeval_tsv(path, split="validation")
-    assert [r["qid"] for r in records] == ["1", "3", "4"]
-    assert counts["skipped_split"] == 1 and counts["skipped_open"] == 1
-    assert counts["multi_image"] == 2 and counts["questions"] == 3 and counts["rows"] == 5
-    two, three, plain = records
-    assert two["n_images"] == 2 and two["image"] == base64.b64decode(GREEN)  # the first image
-    assert three["n_images"] == 3 and three["image"] == base64.b64decode(BLUE)
-    assert plain["n_images"] == 1
+    assert [r["qid"] for r in records] == ["1", "2", "3", "4", "5"]
+    assert counts["skipped_split"] == 1 and counts["open"] == 2 and counts["skipped"] == 0
+    assert counts["multi_image"] == 2 and counts["questions"] == counts["base_questions"] == 5
+    assert counts["rows"] == 6
+    two, open_text, three, plain, open_letter = records
+    # every image of a multi-image question, in order; ``image`` is the first
+    assert two["images"] == [base64.b64decode(GREEN), base64.b64decode(BLUE)]
+    assert two["n_images"] == 2 and two["image"] == base64.b64decode(GREEN)
+    assert two["image_paths"] == ["1--1.jpg", "1--2.jpg"]
+    assert three["images"] == [base64.b64decode(c) for c in (BLUE, RED, GREEN)]
+    assert three["image_paths"] == ["3--1.jpg", "3--2.jpg", "3--3.jpg"]
+    assert plain["n_images"] == 1 and plain["images"] == [plain["image"]]
     assert two["options"] == ["left", "right", "same", "unclear", "neither"]
-    assert two["answer"] == "E" and two["hint"] is None
-    assert [r["category"] for r in records] == ["Math", "Design", "Geography"]
-    # no split: dev and validation, still without the open question
-    assert [r["qid"] for r in read_vlmeval_tsv(path)] == ["0", "1", "3", "4"]
+    assert two["answer"] == "E" and two["hint"] is None and not two["open"]
+    # VLMEvalKit's MMMU_preproc: A = gold text, B = "Other Answers"; gold letter "A" unless the
+    # gold answer is a letter itself
+    assert open_text["open"] and open_text["options"] == ["42", "Other Answers"]
+    assert open_text["answer"] == "A"
+    assert open_letter["options"] == ["B", "Other Answers"] and open_letter["answer"] == "B"
+    assert [r["category"] for r in records] == ["Math", "Math", "Design", "Geography", "Art"]
+    # no split: dev and validation
+    assert [r["qid"] for r in read_vlmeval_tsv(path)] == ["0", "1", "2", "3", "4", "5"]
     assert read_vlmeval_tsv(path, split="test") == []
+
+
+def test_multi_image_names_must_match_the_images(tmp_path):
+    rows = malformed(mmmu_rows(), 1, image_path=json.dumps(["only-one.jpg", "a", "b"]))
+    path = write_tsv(tmp_path / "MMMU_DEV_VAL.tsv", rows)
+    with pytest.raises(ValueError, match=r"row index 1: 2 images but 3 image_path names"):
+        read_vlmeval_tsv(path)
+
+
+def test_row_without_options_is_skipped_counted_and_logged(tmp_path, caplog):
+    rows = malformed(mmbench_rows(), 2, A=NAN, B=NAN)
+    path = write_tsv(tmp_path / "MMBench_DEV_EN.tsv", rows)
+    with caplog.at_level("WARNING", logger="fgvlm.data.vlmeval"):
+        records, counts = scan_vlmeval_tsv(path)
+    assert [r["qid"] for r in records] == ["0", "1", "1000000"]
+    assert counts["skipped"] == 1 and counts["open"] == 0
+    assert counts["skipped_rows"] == [{"index": "2", "reason": "no options"}]
+    assert "row index 2: skipped, no options" in caplog.text
+    json.dumps(counts)  # goes into the metrics file as it is
+
+
+def test_non_utf8_bytes_name_file_line_and_row(tmp_path):
+    path = write_tsv(tmp_path / "MMBench_DEV_EN.tsv", mmbench_rows())
+    lines = path.read_bytes().split(b"\n")
+    lines[3] = lines[3].replace(b"Which shape?", b"Which sh\xe9pe?")  # Latin-1, not UTF-8
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(
+        ValueError, match=r"MMBench_DEV_EN.tsv: line 4 \(row index 2\) is not UTF-8"
+    ):
+        read_vlmeval_tsv(path)
+
+
+def test_count_check_names_file_and_both_counts(tmp_path, caplog):
+    path = write_tsv(tmp_path / "MMBench_DEV_EN.tsv", mmbench_rows())
+    _, counts = scan_vlmeval_tsv(path)
+    check_count(counts, 3, path, accept=False)  # 3 base questions (4 rows)
+    check_count(counts, None, path, accept=False)
+    with pytest.raises(ValueError, match=r"MMBench_DEV_EN.tsv: 3 questions .* expected 2948"):
+        check_count(counts, 2948, path, accept=False)
+    with caplog.at_level("WARNING", logger="fgvlm.data.vlmeval"):
+        check_count(counts, 2948, path, accept=True)
+    assert "expected 2948 (accepted" in caplog.text
 
 
 def test_mmstar_layout(tmp_path):
@@ -203,10 +263,12 @@ def test_reads_every_synthetic_style(tmp_path, style):
     assert counts["rows"] == len(frame) == 40
     expected = frame if split is None else frame[frame["split"] == split]
     assert [r["qid"] for r in records] == [str(i) for i in expected["index"]]
-    assert [r["answer"] for r in records] == list(expected["answer"])
+    gold = [r["options"][0] if r["open"] else r["answer"] for r in records]
+    assert gold == [str(a) for a in expected["answer"]]  # open: A = the gold text
     for record in records:
         assert record["answer"] in "ABCDE"[: len(record["options"])]
-        assert Image.open(io.BytesIO(record["image"])).size == (16, 16)
+        assert record["image"] == record["images"][0]
+        assert all(Image.open(io.BytesIO(b)).size == (16, 16) for b in record["images"])
     if style == "mmbench":
         assert counts["image_references"] > 0 and counts["circular"] > 0
         for record in records:  # a CircularEval copy shows its base question's image
@@ -215,3 +277,21 @@ def test_reads_every_synthetic_style(tmp_path, style):
     if style == "mmmu":
         assert counts["skipped_split"] == 40 - len(records) > 0
         assert all(r["question"].startswith("<image 1> ") for r in records)
+        assert counts["open"] > 0 and counts["multi_image"] > 0 and counts["skipped"] == 0
+
+
+def test_question_source_checks_the_count_and_reports_skipped_rows(tmp_path):
+    from fgvlm.evaluate.runners import question_source
+
+    rows = malformed(mmbench_rows(), 2, A=NAN, B=NAN)
+    path = write_tsv(tmp_path / "MMBench_DEV_EN.tsv", rows)
+    spec = {"kind": "vlmeval_tsv", "split": None, "expected_count": 1164}
+    with pytest.raises(ValueError, match=r"MMBench_DEV_EN.tsv: 2 questions .*expected 1164"):
+        question_source({**spec, "accept_count_mismatch": False}, path)
+    stream, answers, counts = question_source({**spec, "accept_count_mismatch": True}, path)
+    assert answers == {"0": "A", "1": "B", "1000000": "D"}
+    assert counts["base_questions"] == 2 and counts["expected_count"] == 1164
+    assert counts["skipped_rows"] == [{"index": "2", "reason": "no options"}]
+    assert [record["qid"] for record, _ in stream()] == ["0", "1", "1000000"]
+    exact = {**spec, "expected_count": 2, "accept_count_mismatch": False}
+    assert question_source(exact, path)[2]["base_questions"] == 2

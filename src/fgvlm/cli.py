@@ -198,6 +198,24 @@ def cmd_eval_vlm(args: argparse.Namespace, cfg: dict) -> None:
     )
 
 
+def cmd_imagenet_subset(args: argparse.Namespace) -> None:
+    from fgvlm.data import imagenet
+
+    annotations = imagenet.load_annotations(args.annotations)
+    paper = imagenet.PAPER_SUBSET_COUNTS
+    pool = imagenet.annotated_pool(annotations)
+    print("paper (App. B.1): 19,056 annotated examples -> 5,457 images, 928 classes")
+    print("annotated pool: " + ", ".join(f"{k} {v}" for k, v in pool.items()))
+    print("single_correct keep_problematic min_wrong  images  classes (min-max)  paper")
+    for row in imagenet.candidate_rule_counts(annotations, args.min_wrong):
+        classes = f"{row['classes_min']}-{row['classes_max']}"
+        print(
+            f"{row['single_correct']!s:>14} {row['keep_problematic']!s:>16} {row['min_wrong']:>9}"
+            f"  {row['images']:>6}  {classes:>17}  {'MATCH' if row['matches_paper'] else ''}"
+        )
+    print(f"(match: {paper['images']} images and {paper['classes']} classes within the bounds)")
+
+
 def cmd_aggregate(args: argparse.Namespace) -> None:
     from fgvlm.report.aggregate import aggregate, read_report_definitions
 
@@ -351,6 +369,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("figures", cmd_figures, "Figures 2-8 and the per-class view (rule figures).")
     p.add_argument("--out", help="figures folder")
+
+    p = add(
+        "imagenet-subset",
+        cmd_imagenet_subset,
+        "Counts each candidate ImageNet subset rule gives, beside the paper's 5,457 / 928.",
+        config=False,
+    )
+    p.add_argument("--annotations", required=True, type=Path, help="human_accuracy_v3.0.0.json")
+    p.add_argument("--min-wrong", nargs="+", type=int, default=[1, 2, 3, 4, 5], metavar="N")
 
     p = add(
         "aggregate",

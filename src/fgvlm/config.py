@@ -492,8 +492,14 @@ def vlm_benchmark_spec(config: dict, benchmark: str) -> dict:
     """How a benchmark's questions are read, and its primary metric."""
     if benchmark in config["benchmarks"]:
         return {"kind": "questions", "metric": config["benchmarks"][benchmark]["metric"]}
-    source = config["vqa_benchmarks"][benchmark]["source"]
-    return {"kind": "vlmeval_tsv", "split": source.get("split"), "metric": "accuracy"}
+    vqa = config["vqa_benchmarks"][benchmark]
+    return {
+        "kind": "vlmeval_tsv",
+        "split": vqa["source"].get("split"),
+        "metric": "accuracy",
+        "expected_count": vqa["expected_count"],
+        "accept_count_mismatch": vqa["accept_count_mismatch"],
+    }
 
 
 def vlm_eval_spec(config: dict, model: str, benchmark: str) -> dict:

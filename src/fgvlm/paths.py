@@ -15,6 +15,7 @@ WORLD = "data/synthetic/{world}"
 MANIFEST = "data/{benchmark}/manifest.parquet"
 CLASSES = "data/{benchmark}/classes.json"
 CANDIDATES = "data/{benchmark}/candidates.json"  # per-image candidate negatives (ImageNet) or null
+MANIFEST_STATS = "data/{benchmark}/manifest_stats.json"  # counts beside the expected (paper's)
 RAW = "data/raw/{benchmark}"
 VQA_TSV = "data/vqa/{vqa}.tsv"
 TRAIN_RAW = "data/raw/train/{data}"
@@ -61,6 +62,7 @@ def manifest_outputs(benchmark: str) -> dict[str, str]:
         "manifest": MANIFEST.format(benchmark=benchmark),
         "classes": CLASSES.format(benchmark=benchmark),
         "candidates": CANDIDATES.format(benchmark=benchmark),
+        "stats": MANIFEST_STATS.format(benchmark=benchmark),
     }
 
 
@@ -108,7 +110,8 @@ def train_data_inputs(config: dict, data: str) -> dict[str, object]:
 
 def question_inputs(config: dict, benchmark: str) -> dict[str, str]:
     """What mining one benchmark reads: its manifest files and the miner's CLIP."""
-    return {**manifest_outputs(benchmark), "clip": CLIP.format(clip=config["miner"]["clip"])}
+    files = {k: v for k, v in manifest_outputs(benchmark).items() if k != "stats"}
+    return {**files, "clip": CLIP.format(clip=config["miner"]["clip"])}
 
 
 def clip_eval_inputs(benchmark: str, clip: str) -> dict[str, str]:

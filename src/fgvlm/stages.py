@@ -38,15 +38,16 @@ def build_manifest(
     manifest: str,
     classes: str,
     candidates: str,
+    stats: str,
     raw_dir: str,
     world: str | None = None,
 ) -> None:
     """A benchmark (``fgvlm.config.benchmark_spec``), downloaded where its source allows, as a
-    manifest, its class list and its candidate negatives."""
+    manifest, its class list, its candidate negatives and its counts beside the expected."""
     from fgvlm.data.benchmarks import read_benchmark, write_benchmark
 
     benchmark = read_benchmark(spec, raw_dir=Path(raw_dir), world_dir=world and Path(world))
-    write_benchmark(benchmark, Path(manifest), Path(classes), Path(candidates))
+    write_benchmark(benchmark, Path(manifest), Path(classes), Path(candidates), Path(stats))
 
 
 def vqa_benchmark(source: dict, out: str) -> None:

@@ -24,12 +24,13 @@ ANNOTATIONS_FILE = "human_accuracy_v3.0.0.json"
 @dataclass
 class Benchmark:
     """A normalized fine-grained benchmark: ``frame`` (manifest rows), ``classnames`` (label
-    order, classes without images included) and ``candidates`` (image key -> the labels its
-    negatives may be drawn from; None: every class)."""
+    order, classes without images included), ``candidates`` (image key -> the labels its
+    negatives may be drawn from; None: every class) and ``stats`` (``count_stats``)."""
 
     frame: pl.DataFrame
     classnames: list[str]
     candidates: dict[str, list[int]] | None = None
+    stats: dict | None = None
 
 
 def read_benchmark(spec: dict, *, raw_dir: Path, world_dir: Path | None = None) -> Benchmark:
@@ -39,23 +40,25 @@ def read_benchmark(spec: dict, *, raw_dir: Path, world_dir: Path | None = None) 
     Every image is opened once, so that a corrupt file fails here, naming the file.
     """
     source = spec["source"]
-    candidates = None
+    candidates, expected, where = None, None, str(raw_dir)
     if source["type"] == "torchvision":
         classification.download_torchvision_dataset(source["name"], raw_dir)
-        frame = classification.build_manifest(
-            source["name"], raw_dir, expected_count=source.get("expected_count")
-        )
+        frame = classification.build_manifest(source["name"], raw_dir, expected_count=None)
+        if source["expected_count"] is not None:
+            expected = {"images": source["expected_count"]}
     elif source["type"] == "imagenet_subset":
         annotations = raw_dir / ANNOTATIONS_FILE
         imagenet.download_annotations(
             source["annotations"]["url"], source["annotations"]["md5"], annotations
         )
+        rule = {k: source[k] for k in ("single_correct", "keep_problematic")}
         frame = imagenet.read_imagenet_subset(
-            Path(source["val_dir"]), annotations, source["min_wrong"]
+            Path(source["val_dir"]), annotations, source["min_wrong"], **rule
         )
         candidates = imagenet.subset_negatives(
-            imagenet.load_annotations(annotations), source["min_wrong"]
+            imagenet.load_annotations(annotations), source["min_wrong"], **rule
         )
+        expected, where = source["expected_count"], f"{source['val_dir']} with {annotations}"
     elif source["type"] == "image_folder":
         frame = folder.read_image_folder(Path(source["root"]), split=source["split"])
     elif source["type"] == "csv":
@@ -70,8 +73,34 @@ def read_benchmark(spec: dict, *, raw_dir: Path, world_dir: Path | None = None) 
         raise ValueError(f"benchmark source type {source['type']!r} is not supported")
     classnames = _classnames(spec, frame, world_dir)
     frame = manifest.make_manifest(frame)
+    accept = source.get("accept_count_mismatch")  # only sources with an expected count have it
+    stats = count_stats(frame, classnames, expected, accept=accept, where=where)
     manifest.verify_images(frame)
-    return Benchmark(frame, classnames, candidates)
+    return Benchmark(frame, classnames, candidates, stats)
+
+
+def count_stats(
+    frame: pl.DataFrame,
+    classnames: list[str],
+    expected: dict | None,
+    *,
+    accept: bool | None,
+    where: str,
+) -> dict:
+    """The manifest's counts (images, classes with images, classes listed) beside the expected
+    ones (the paper's); a mismatch raises ValueError naming both unless ``accept`` (logged)."""
+    found = {"images": frame.height, "classes": frame["label"].n_unique()}
+    stats = {**found, "classes_listed": len(classnames), "expected": expected, "matches": True}
+    differ = {k: (found[k], v) for k, v in (expected or {}).items() if found[k] != v}
+    if differ:
+        stats["matches"] = False
+        message = f"{where}: manifest counts differ from the expected: " + ", ".join(
+            f"{k} {got} (expected {want})" for k, (got, want) in differ.items()
+        )
+        if not accept:
+            raise ValueError(f"{message}; set the source's accept_count_mismatch: true to accept")
+        log.warning("%s (accepted: accept_count_mismatch)", message)
+    return stats
 
 
 def _classnames(spec: dict, frame: pl.DataFrame, world_dir: Path | None) -> list[str]:
@@ -88,17 +117,26 @@ def _classnames(spec: dict, frame: pl.DataFrame, world_dir: Path | None) -> list
 
 
 def write_benchmark(
-    benchmark: Benchmark, manifest_path: Path, classes_path: Path, candidates_path: Path
+    benchmark: Benchmark,
+    manifest_path: Path,
+    classes_path: Path,
+    candidates_path: Path,
+    stats_path: Path,
 ) -> None:
-    """The manifest, the class list and the candidate negatives (JSON null: every class)."""
+    """The manifest, the class list, the candidate negatives (JSON null: every class) and the
+    counts beside the expected ones."""
     manifest.write_manifest(benchmark.frame, manifest_path)
     io.write_json(benchmark.classnames, classes_path)
     io.write_json(benchmark.candidates, candidates_path)
+    io.write_json(benchmark.stats, stats_path)
+    stats = benchmark.stats or {}
     log.info(
-        "manifest %s: %d images, %d classes",
+        "manifest %s: %d images, %d classes with images (%d listed); expected %s",
         manifest_path,
         benchmark.frame.height,
+        benchmark.frame["label"].n_unique(),
         len(benchmark.classnames),
+        stats.get("expected"),
     )
 
 

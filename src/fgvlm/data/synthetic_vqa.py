@@ -155,7 +155,10 @@ def _vqa_items(style: str, n_questions: int, image_size: int, seed: int) -> list
         n_options = 4 if style == "mmstar" else int(rng.integers(2, max_options + 1))
         question, options, answer = _vqa_question(kind, objects, rng, n_options)
         base = {"index": len(items), "kind": kind, "image": _b64_image(image, fmt)}
-        items.append({**base, "question": question, "options": options, "answer": answer})
+        item = {**base, "question": question, "options": options, "answer": answer}
+        if style == "mmmu":
+            item = _mmmu_variant(item, rng, image_size, fmt)
+        items.append(item)
         if style != "mmbench":
             continue
         follow = [k for k in ("colour", "shape", "position") if n_objects == 1 and k != kind]
@@ -191,6 +194,25 @@ def _vqa_items(style: str, n_questions: int, image_size: int, seed: int) -> list
     return items + circular
 
 
+def _mmmu_variant(item: dict, rng: np.random.Generator, image_size: int, fmt: str) -> dict:
+    """MMMU's other question forms, drawn now and then: an open question (no options, the
+    answer is the text) or a question about the second of two images."""
+    draw = rng.uniform()
+    if draw < 0.15 and item["kind"] in ("colour", "shape", "count"):
+        return {**item, "open": True}
+    if draw < 0.3:
+        second, objects = _scene(rng, 1, image_size)
+        question, options, answer = _vqa_question("colour", objects, rng, int(rng.integers(2, 6)))
+        return {
+            **item,
+            "image": [item["image"], _b64_image(second, fmt)],
+            "question": f"In the second image: {question}",
+            "options": options,
+            "answer": answer,
+        }
+    return item
+
+
 def _vqa_row(style: str, item: dict, split: str, rng: np.random.Generator) -> dict[str, Any]:
     """One TSV row of ``style`` from a question item."""
     letters = LETTERS[:MMMU_OPTION_COLUMNS] if style == "mmmu" else LETTERS[:4]
@@ -213,16 +235,24 @@ def _vqa_row(style: str, item: dict, split: str, rng: np.random.Generator) -> di
             "split": "dev",
         }
     if style == "mmmu":
+        images = item["image"] if isinstance(item["image"], list) else [item["image"]]
+        tags = " ".join(f"<image {k}>" for k in range(1, len(images) + 1))
+        names = [f"{item['index']}--{k}.png" for k in range(1, len(images) + 1)]
+        if item.get("open"):  # no options; the answer is the text itself
+            options = {letter: None for letter in letters}
+            answer = item["options"][item["answer"]]
         return {
             "index": item["index"],
-            "question": f"<image 1> {item['question']}",
+            "question": f"{tags} {item['question']}",
             **options,
             "answer": answer,
             "category": category,
-            "image": item["image"],
+            # pandas writes a list cell as a Python list (VLMEvalKit reads it with eval)
+            "image": str(images) if len(images) > 1 else images[0],
+            "image_path": str(names) if len(images) > 1 else f"{item['index']}.png",
             "id": f"{split}_{category}_{item['index'] + 1}",
             "split": split,
-            "question_type": "multiple-choice",
+            "question_type": "open" if item.get("open") else "multiple-choice",
         }
     return {
         "index": item["index"],
@@ -251,8 +281,10 @@ def write_vqa_tsv(
       question on the same image, and CircularEval copies with index + k * 1,000,000 whose options
       are rotated).
     - mmmu (MMMU_DEV_VAL): index, question ("<image 1> ..."), A-I (empty beyond the options),
-      answer, category, image (PNG), id, split ("dev" for the first seventh, then "validation"),
-      question_type.
+      answer, category, image (PNG), image_path, id, split ("dev" for the first seventh, then
+      "validation"), question_type. Some questions are open (no options, the answer is the text;
+      question_type "open"), some are about two images ("<image 1> <image 2> ...", the image
+      cell a list of both and image_path their names).
     - mmstar (MMStar): index, question, A-D, answer, category, l2_category, image.
     """
     if style not in VQA_STYLES:

@@ -106,8 +106,11 @@ def question_source(
     """(a fresh-stream factory of (record, image), qid -> answer letter, counts) of a benchmark.
 
     ``benchmark`` = {"kind": "questions"} for question shards at ``path`` (answers from the
-    questions file), or {"kind": "vlmeval_tsv", "split": ...} for a VLMEvalKit TSV file
-    (counts then include each question's CircularEval group and category).
+    questions file; their count was checked when the manifest was built), or {"kind":
+    "vlmeval_tsv", "split", "expected_count", "accept_count_mismatch"} for a VLMEvalKit TSV file:
+    its scored questions (CircularEval groups) are checked against ``expected_count``, and counts
+    then include what was skipped, each question's CircularEval group and category. A TSV
+    record carries every image (``images``); the stream's image is the first.
     """
     if benchmark["kind"] == "questions":
         import polars as pl
@@ -120,12 +123,19 @@ def question_source(
         answers = dict(zip(key["qid"].to_list(), key["answer"].to_list(), strict=True))
         return (lambda: iter_question_samples(path)), answers, {"questions": len(answers)}
     if benchmark["kind"] == "vlmeval_tsv":
-        from fgvlm.data.vlmeval import scan_vlmeval_tsv
+        from fgvlm.data.vlmeval import check_count, scan_vlmeval_tsv
 
         records, counts = scan_vlmeval_tsv(path, split=benchmark.get("split"))
+        check_count(
+            counts,
+            benchmark["expected_count"],
+            path,
+            accept=benchmark["accept_count_mismatch"],
+        )
         answers = {r["qid"]: r["answer"] for r in records}
         counts = {
             **counts,
+            "expected_count": benchmark["expected_count"],
             "groups": {r["qid"]: r["group"] for r in records if r["group"] != r["qid"]},
             "categories": {r["qid"]: str(r.get("category") or "") for r in records},
         }
