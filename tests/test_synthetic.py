@@ -118,13 +118,9 @@ def test_unknown_family_names_valid_ones(tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()
 
 
-def test_default_world_is_fast(tmp_path: Path) -> None:
-    import time
-
-    start = time.perf_counter()
+def test_default_world_counts(tmp_path: Path) -> None:
     summary = generate_world(tmp_path / "w", family="shapes", seed=0)
     assert summary["counts"] == {"train": 40 * 24, "test": 10 * 24}
-    assert time.perf_counter() - start < 10
 
 
 def _decode(cell: str) -> Image.Image:
