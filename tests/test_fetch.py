@@ -150,6 +150,16 @@ def test_url_list_report_is_exact_and_a_rerun_fetches_nothing(tmp_path: Path) ->
     assert images["b"].read() == image_bytes(1, "PNG")
 
 
+def test_url_list_in_several_processes(tmp_path: Path) -> None:
+    routes = {f"{i}.jpg": Route(image_bytes(i)) for i in range(5)}
+    with serve(routes) as server:
+        items = [(f"k{i}", server.url(f"{i}.jpg")) for i in range(6)]  # the last is dead
+        report = fetch_url_list(items, tmp_path, processes=2, threads=2, part_size=2, retries=0)
+        assert server.requests == {**{f"{i}.jpg": 1 for i in range(6)}}
+    assert (report["kept"], report["dead"]) == (5, {"http_404": 1})
+    assert fetched_images(tmp_path)["k4"].read() == image_bytes(4)
+
+
 KILLED_RUN = """
 import sys
 from fgvlm.data.fetch import fetch_url_list

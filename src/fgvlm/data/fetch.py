@@ -200,19 +200,26 @@ def fetch_url_list(
     log.info("%s: %d URLs in %d parts, %d complete", name, len(items), len(chunks), len(parts))
     start = time.monotonic()
     bar = tqdm(total=sum(len(chunks[i]) for i in todo), desc=f"fetch {name}", unit="url")
+    fetched_bytes = 0
+
+    def finished(index: int, part: dict) -> None:
+        nonlocal fetched_bytes
+        parts[index] = part
+        fetched_bytes += (out_dir / f"{PART.format(index)}.tar").stat().st_size
+        bar.update(len(chunks[index]))
+        bar.set_postfix(parts=len(parts), MB=f"{fetched_bytes / 1e6:.1f}", refresh=False)
+
     with bar:
         if processes == 1:
             for index in todo:
-                parts[index] = _fetch_part(
-                    chunks[index], out_dir, index, fetch or http_get, settings
+                finished(
+                    index, _fetch_part(chunks[index], out_dir, index, fetch or http_get, settings)
                 )
-                bar.update(len(chunks[index]))
         else:
             jobs = [(chunks[i], out_dir, i, settings) for i in todo]
             with ProcessPoolExecutor(max_workers=processes) as pool:
                 for index, part in zip(todo, pool.map(_worker, jobs), strict=True):
-                    parts[index] = part
-                    bar.update(len(chunks[index]))
+                    finished(index, part)
     seconds = time.monotonic() - start
     report = _report(name, [parts[i] for i in range(len(chunks))], seconds)
     report["fetched_now"] = sum(len(chunks[i]) for i in todo)
