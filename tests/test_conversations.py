@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import io
 import json
@@ -17,18 +16,19 @@ import torch
 from PIL import Image
 
 from fgvlm.data import conversations as conv
+from fgvlm.data.archives import extract_zip
 from fgvlm.data.conversations import (
     caption_conversation,
     download_training_data,
-    extract_zip,
+    pixmo_url_list,
     read_llava_instruct,
     read_llava_pretrain,
     read_pixmo_cap,
     read_synthetic_captions,
     read_synthetic_instructions,
-    url_cache_path,
 )
 from fgvlm.data.download import ChecksumError
+from fgvlm.data.fetch import FetchFailed, fetch_url_list, fetched_images, url_key
 from fgvlm.data.shards import (
     batches_per_rank,
     conversation_dataset,
@@ -145,65 +145,39 @@ def _pixmo_parquet(path: Path) -> list[str]:
     return urls
 
 
-def test_pixmo_fetch_report_and_cache(tmp_path: Path) -> None:
+def test_pixmo_reads_its_fetched_url_list(tmp_path: Path) -> None:
     parquet = tmp_path / "train-00000-of-00004.parquet"
     urls = _pixmo_parquet(parquet)
     dead, garbage = urls[1], urls[3]
-    calls: collections.Counter[str] = collections.Counter()
 
-    def fetch(url: str) -> bytes:
-        calls[url] += 1
+    def fetch(url: str, timeout: float) -> bytes:
         if url == dead:
-            raise OSError("HTTP 404: gone")
+            raise FetchFailed("http_404", "gone", transient=False)
         if url == garbage:
             return b"<html>not an image</html>"
         return _image_bytes(urls.index(url), "PNG" if url.endswith("2.jpg") else "JPEG")
 
-    cache, report_path = tmp_path / "cache", tmp_path / "report.json"
-    samples = list(
-        read_pixmo_cap(parquet, cache, report_path, fetch=fetch, retries=2, workers=3, backoff=0)
-    )
-    assert calls == {urls[0]: 1, dead: 3, urls[2]: 1, garbage: 1, urls[4]: 1}  # 1 + 2 retries
-    report = json.loads(report_path.read_text())
-    assert {k: report[k] for k in ("total", "kept", "dead", "undecodable", "no_caption")} == {
-        "total": 5,
-        "kept": 3,
-        "dead": 1,
-        "undecodable": 1,
-        "no_caption": 0,
-    }
-    assert [(e["row"], e["url"], e["status"]) for e in report["examples"]] == [
-        (1, dead, "dead"),
-        (3, garbage, "undecodable"),
-    ]
-    assert "404" in report["examples"][0]["error"]
+    items = pixmo_url_list(parquet)
+    assert items == [(url_key(u), u) for u in sorted(urls)]
+    report = fetch_url_list(items, tmp_path / "fetched", fetch=fetch, threads=3, part_size=2)
+    assert (report["kept"], report["dead"], report["undecodable"]) == (3, {"http_404": 1}, 1)
+    samples = list(read_pixmo_cap(parquet, fetched_images(tmp_path / "fetched")))
     assert [r["id"] for r, _ in samples] == ["pixmo-0000000", "pixmo-0000002", "pixmo-0000004"]
-    for record, path in samples:
+    for record, image in samples:
         i = int(record["id"].split("-")[1])
         assert record == {
             "id": record["id"],
             "image": urls[i],
             "conversations": caption_conversation(f"A long, detailed caption number {i}."),
         }
-        digest = hashlib.sha256(urls[i].encode()).hexdigest()
-        assert path == url_cache_path(cache, urls[i]) == cache / digest[:2] / digest
-        assert path.read_bytes() == _image_bytes(i, "PNG" if i == 2 else "JPEG")
-    assert _no_temp_left(cache)
-
-    def no_network(url: str) -> bytes:
-        raise AssertionError(f"fetched {url} although it is cached")
-
-    report_path.unlink()
-    again = list(read_pixmo_cap(parquet, cache, report_path, fetch=no_network, workers=2))
-    assert again == samples
-    assert json.loads(report_path.read_text()) == report
+        assert image.read() == _image_bytes(i, "PNG" if i == 2 else "JPEG")
 
 
 def test_pixmo_missing_column_names_file(tmp_path: Path) -> None:
     parquet = tmp_path / "p.parquet"
     pl.DataFrame({"image_url": ["u"], "transcripts": [["t"]]}).write_parquet(parquet)
     with pytest.raises(ValueError, match=r"p\.parquet: no column 'caption'"):
-        read_pixmo_cap(parquet, tmp_path / "c", tmp_path / "r.json", fetch=lambda u: b"")
+        read_pixmo_cap(parquet, {})
 
 
 # ---------------------------------------------------------------- LLaVA-1.5 mix665k
@@ -316,7 +290,7 @@ def test_download_training_data_pins_revision_and_checks_sha256(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list = []
-    files = {"blip_laion_cc_sbu_558k.json": b"[]", "images.zip": b"images.zip"}
+    files = {"blip_laion_cc_sbu_558k.json": b"[]"}
     files.update({f"data/train-{i:05d}-of-00004.parquet": b"" for i in range(4)})
     monkeypatch.setattr(conv, "hf_hub_download", _fake_hub(files, calls))
     source = {
@@ -324,76 +298,96 @@ def test_download_training_data_pins_revision_and_checks_sha256(
         "repo": "liuhaotian/LLaVA-Pretrain",
         "revision": "abc123",
         "annotations": "blip_laion_cc_sbu_558k.json",
-        "images": "images.zip",
-        "sha256": {"images.zip": hashlib.sha256(b"images.zip").hexdigest()},
+        "sha256": {"blip_laion_cc_sbu_558k.json": hashlib.sha256(b"[]").hexdigest()},
     }
     paths = download_training_data(source, tmp_path / "pt")
-    assert paths == {
-        "annotations": tmp_path / "pt" / "blip_laion_cc_sbu_558k.json",
-        "images": tmp_path / "pt" / "images.zip",
-    }
+    assert paths == {"annotations": tmp_path / "pt" / "blip_laion_cc_sbu_558k.json"}
     assert calls == [
         ("liuhaotian/LLaVA-Pretrain", "blip_laion_cc_sbu_558k.json", "dataset", "abc123"),
-        ("liuhaotian/LLaVA-Pretrain", "images.zip", "dataset", "abc123"),
     ]
+    files_default = [f"data/train-{i:05d}-of-00004.parquet" for i in range(4)]
     pixmo = download_training_data(
-        {"type": "pixmo_cap", "repo": "allenai/pixmo-cap", "revision": "r1"}, tmp_path / "px"
+        {
+            "type": "pixmo_cap",
+            "repo": "allenai/pixmo-cap",
+            "revision": "r1",
+            "files": files_default,
+        },
+        tmp_path / "px",
     )
-    assert [p.relative_to(tmp_path / "px").as_posix() for p in pixmo["parquet"]] == [
-        f"data/train-{i:05d}-of-00004.parquet" for i in range(4)
-    ]
-    bad = {**source, "sha256": {"images.zip": "0" * 64}}
-    with pytest.raises(ChecksumError, match=r"images\.zip.*0000"):
+    assert [p.relative_to(tmp_path / "px").as_posix() for p in pixmo["parquet"]] == files_default
+    bad = {**source, "sha256": {"blip_laion_cc_sbu_558k.json": "0" * 64}}
+    with pytest.raises(ChecksumError, match=r"blip_laion_cc_sbu_558k\.json.*0000"):
         download_training_data(bad, tmp_path / "bad")
-    assert not (tmp_path / "bad" / "images.zip").exists()  # an unverified file never stays
+    assert not (tmp_path / "bad" / "blip_laion_cc_sbu_558k.json").exists()  # never kept
     with pytest.raises(ValueError, match="synthetic_captions"):
         download_training_data({"type": "synthetic_captions"}, tmp_path / "x")
 
 
-def test_read_training_source_downloads_and_reads(
+def test_read_training_source_reads_archives_lists_and_user_roots(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fixtures = tmp_path / "fixtures"
     fixtures.mkdir()
     pt_json, pt_zip = _pretrain_files(fixtures)
-    it_json, _ = _instruct_files(tmp_path / "raw" / "ft")  # user-provided roots under raw_dir
+    it_json, _ = _instruct_files(tmp_path / "raw" / "ft")  # the user's folders under raw_dir
     parquet = fixtures / "px.parquet"
     urls = _pixmo_parquet(parquet)
     hub = {
         "blip_laion_cc_sbu_558k.json": pt_json.read_bytes(),
-        "images.zip": pt_zip.read_bytes(),
         "llava_v1_5_mix665k.json": it_json.read_bytes(),
         "data/a.parquet": parquet.read_bytes(),
     }
     calls: list = []
     monkeypatch.setattr(conv, "hf_hub_download", _fake_hub(hub, calls))
-    monkeypatch.setattr(conv, "fetch_url", lambda url: _image_bytes(urls.index(url)))
+    extract_zip(pt_zip, tmp_path / "archives" / "images")
     pretrain = {
         "type": "llava_pretrain",
         "repo": "liuhaotian/LLaVA-Pretrain",
         "revision": "r",
         "annotations": "blip_laion_cc_sbu_558k.json",
-        "images": "images.zip",
+        "sha256": {},
+        "archives": {"images": {"subdir": ""}},
+        "image_root": None,
     }
-    samples = list(conv.read_training_source(pretrain, tmp_path / "raw" / "pt"))
-    assert [p for _, p in samples] == [tmp_path / "raw/pt/images" / i for i in PRETRAIN_IMAGES]
+    archives = {"images": tmp_path / "archives" / "images"}
+    samples = list(conv.read_training_source(pretrain, tmp_path / "raw/pt", archives=archives))
+    assert [p for _, p in samples] == [archives["images"] / i for i in PRETRAIN_IMAGES]
+    user = {**pretrain, "image_root": str(archives["images"])}  # already on the cluster
+    assert list(conv.read_training_source(user, tmp_path / "raw/pt")) == samples
     instruct = {
         "type": "llava_instruct",
         "repo": "liuhaotian/LLaVA-Instruct-150K",
         "revision": "r",
         "annotations": "llava_v1_5_mix665k.json",
+        "sha256": {},
         "image_roots": {"coco": "coco", "gqa": str(tmp_path / "raw" / "ft" / "gqa")},
+        "archives": {},
+        "url_lists": {},
+        "missing_images": "fail",
     }
     samples = list(conv.read_training_source(instruct, tmp_path / "raw" / "ft"))
     assert samples[0][1] == tmp_path / "raw/ft/coco/train2017/000000033471.jpg"
     assert samples[2][1] is None
-    pixmo = {"type": "pixmo_cap", "repo": "allenai/pixmo-cap", "files": ["data/a.parquet"]}
-    samples = list(conv.read_training_source(pixmo, tmp_path / "raw" / "px"))
+    fetch_url_list(
+        pixmo_url_list(parquet),
+        tmp_path / "fetched",
+        fetch=lambda url, timeout: _image_bytes(urls.index(url)),
+    )
+    pixmo = {
+        "type": "pixmo_cap",
+        "repo": "allenai/pixmo-cap",
+        "revision": "r",
+        "files": ["data/a.parquet"],
+        "field": "caption",
+        "sha256": {},
+    }
+    fetched = {"images": tmp_path / "fetched"}
+    samples = list(conv.read_training_source(pixmo, tmp_path / "raw" / "px", fetched=fetched))
     assert len(samples) == 5
-    assert json.loads((tmp_path / "raw/px/fetch_report.json").read_text())["kept"] == 5
     assert [c[1] for c in calls] == [
         "blip_laion_cc_sbu_558k.json",
-        "images.zip",
+        "blip_laion_cc_sbu_558k.json",
         "llava_v1_5_mix665k.json",
         "data/a.parquet",
     ]

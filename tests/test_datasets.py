@@ -449,17 +449,18 @@ def test_read_imagenet_subset_missing_or_misfiled_image(tmp_path, annotations_fi
         imagenet.read_imagenet_subset(val, annotations_file)
 
 
-def test_download_annotations_checks_md5(tmp_path, offline_downloads):
-    url = "https://example.org/human_accuracy_v3.0.0.json"
+def test_download_annotations_checks_md5(tmp_path):
+    served = tmp_path / "human_accuracy_v3.0.0.json"  # a mirror on disk: a file:// URL
+    url = served.as_uri()
     body = json.dumps(_annotations()).encode()
-    offline_downloads[url] = body
+    served.write_bytes(body)
     md5 = hashlib.md5(body).hexdigest()
     dest = tmp_path / "raw" / "human_accuracy_v3.0.0.json"
 
     imagenet.download_annotations(url, md5, dest)
     assert imagenet.load_annotations(dest) == _annotations()
 
-    offline_downloads[url] = body + b" "  # the server now serves something else
+    served.write_bytes(body + b" ")  # the mirror now holds something else
     with pytest.raises(
         ValueError, match=r"human_accuracy_v3\.0\.0\.json: download of .* failed its md5 check"
     ):

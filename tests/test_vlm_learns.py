@@ -36,9 +36,16 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
         ROOT / "config" / "demo" / "clip" / "tiny-vit-p8.json", root / "clip", 0
     )
     stages.materialize_llm(
-        {"type": "tiny", "family": "qwen2", "seed": 0, "text_pretrain_steps": 100},
+        {
+            "type": "tiny",
+            "family": "qwen2",
+            "seed": 0,
+            "hidden_size": 96,
+            "layers": 2,
+            "text_pretrain_steps": 100,
+        },
         root / "llm",
-        world_dirs=[world],
+        worlds=[world],
     )
     classes = json.loads((world / "classes.json").read_text())
     folders = sorted(p.name for p in (world / "train").iterdir())

@@ -75,6 +75,8 @@ def test_paper_config_dry_run_lists_every_stage(tmp_path):
         materialize_base_vlm=1,  # Qwen2-VL base
         materialize_hub_vlm=15,  # Section 3's released VLMs
         shard_train_data=3,  # LLaVA-Pretrain, PixMo-Cap, LLaVA-1.5 mix665k
+        fetch_train_archive=6,  # LLaVA-Pretrain images; COCO, GQA, TextVQA, VG parts 1 and 2
+        fetch_train_urls=2,  # PixMo-Cap's and OCR-VQA's image URLs
         pretrain=13,  # one per distinct pretraining recipe
         finetune=22,  # one per trained ablation row
         eval_vlm=(22 + 15) * 7,  # trained rows and hub VLMs x 7 benchmarks

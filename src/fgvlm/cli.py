@@ -216,6 +216,54 @@ def cmd_imagenet_subset(args: argparse.Namespace) -> None:
     print(f"(match: {paper['images']} images and {paper['classes']} classes within the bounds)")
 
 
+def cmd_fetch_archive(args: argparse.Namespace, cfg: dict) -> None:
+    source = _lookup(cfg, "train_data", args.data)["source"]
+    if args.archive not in paths.train_archives(source):
+        known = ", ".join(paths.train_archives(source)) or "none"
+        raise study.ConfigError(f"train_data.{args.data}: no archive {args.archive!r} ({known})")
+    record = stages.fetch_train_archive(
+        source["archives"][args.archive],
+        args.out or paths.TRAIN_ARCHIVE.format(data=args.data, archive=args.archive),
+        download_dir=paths.TRAIN_DOWNLOADS.format(data=args.data),
+    )
+    print(f"{record['files']} files, {record['bytes'] / 1e9:.2f} GB")
+
+
+def cmd_fetch_urls(args: argparse.Namespace, cfg: dict) -> None:
+    source = _lookup(cfg, "train_data", args.data)["source"]
+    if args.urls not in paths.train_url_lists(source):
+        known = ", ".join(paths.train_url_lists(source)) or "none"
+        raise study.ConfigError(f"train_data.{args.data}: no URL list {args.urls!r} ({known})")
+    report = stages.fetch_train_urls(
+        source,
+        args.urls,
+        args.out or paths.TRAIN_URLS.format(data=args.data, urls=args.urls),
+        raw_dir=paths.TRAIN_RAW.format(data=args.data),
+        processes=args.processes or cfg["resources"]["download"]["cpus"],
+    )
+    print(f"{report['kept']} of {report['tried']} kept ({report['kept_fraction']:.1%})")
+
+
+def cmd_data_plan(args: argparse.Namespace, cfg: dict) -> None:
+    used = {row[k] for row in study.trained_rows(cfg) for k in ("pt_data", "ft_data")}
+    rows = stages.data_plan(cfg["train_data"], used)
+    print(
+        f"{'source':<16}{'trained on':>11}{'downloads':>10}{'download GB':>13}"
+        f"{'on disk GB':>12}{'samples':>11}"
+    )
+    for row in rows:
+        print(
+            f"{row['source']:<16}{'yes' if row['used'] else 'no':>11}{row['downloads']:>10}"
+            f"{row['download_gb']:>13,.1f}{row['extracted_gb']:>12,.1f}{row['samples']:>11,}"
+        )
+    total = [r for r in rows if r["used"]]
+    print(
+        f"{'total (trained)':<16}{'':>11}{sum(r['downloads'] for r in total):>10}"
+        f"{sum(r['download_gb'] for r in total):>13,.1f}"
+        f"{sum(r['extracted_gb'] for r in total):>12,.1f}{sum(r['samples'] for r in total):>11,}"
+    )
+
+
 def cmd_aggregate(args: argparse.Namespace) -> None:
     from fgvlm.report.aggregate import aggregate, read_report_definitions
 
@@ -378,6 +426,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--annotations", required=True, type=Path, help="human_accuracy_v3.0.0.json")
     p.add_argument("--min-wrong", nargs="+", type=int, default=[1, 2, 3, 4, 5], metavar="N")
+    p = add("fetch-archive", cmd_fetch_archive, "Download and extract a training image archive.")
+    p.add_argument("--data", required=True)
+    p.add_argument("--archive", required=True)
+    p.add_argument("--out")
+
+    p = add("fetch-urls", cmd_fetch_urls, "Fetch a training source's image URL list (resumable).")
+    p.add_argument("--data", required=True)
+    p.add_argument("--urls", default="images", help="the URL list (PixMo-Cap's is 'images')")
+    p.add_argument("--processes", type=int, help="default: resources.download.cpus")
+    p.add_argument("--out")
+
+    p = add("data-plan", cmd_data_plan, "Disk, download and sample counts of the training data.")
 
     p = add(
         "aggregate",

@@ -415,12 +415,6 @@ def pretrain_key_of(config: dict, row: dict) -> str | None:
     return None if spec is None else pretrain_key(spec, config["seed"])
 
 
-
-
-
-
-
-
 def encoder_clip(config: dict, encoder: str) -> str:
     return config["encoders"][encoder]["clip"]
 

@@ -19,6 +19,9 @@ MANIFEST_STATS = "data/{benchmark}/manifest_stats.json"  # counts beside the exp
 RAW = "data/raw/{benchmark}"
 VQA_TSV = "data/vqa/{vqa}.tsv"
 TRAIN_RAW = "data/raw/train/{data}"
+TRAIN_ARCHIVE = "data/raw/train/{data}/images/{archive}"  # one extracted image archive
+TRAIN_DOWNLOADS = "data/raw/train/{data}/downloads"  # archives while they are extracted
+TRAIN_URLS = "data/raw/train/{data}/fetched/{urls}.json"  # a URL list's fetch report
 
 # Models
 CLIP = "models/clip/{clip}"
@@ -104,8 +107,40 @@ def hub_vlm_inputs(config: dict, hub: str) -> dict[str, str]:
 
 
 def train_data_inputs(config: dict, data: str) -> dict[str, object]:
+    """A source's drawn worlds, extracted image archives and fetched URL lists."""
     source = config["train_data"][data]["source"]
-    return {"worlds": world_dirs(source.get("worlds", []))}
+    inputs: dict[str, object] = {"worlds": world_dirs(source.get("worlds", []))}
+    archives, url_lists = train_archives(source), train_url_lists(source)
+    if archives:
+        inputs["archives"] = [TRAIN_ARCHIVE.format(data=data, archive=a) for a in archives]
+    if url_lists:
+        inputs["fetched"] = [TRAIN_URLS.format(data=data, urls=u) for u in url_lists]
+    return inputs
+
+
+def train_archives(source: dict) -> list[str]:
+    """The image archives a source downloads: those whose images the config does not point at."""
+    if source["type"] == "llava_pretrain":
+        return [] if source["image_root"] else list(source["archives"])
+    if source["type"] == "llava_instruct":
+        given = source["image_roots"]
+        return [name for name, a in source["archives"].items() if a["prefix"] not in given]
+    return []
+
+
+def train_url_lists(source: dict) -> list[str]:
+    """The URL lists a source fetches (PixMo-Cap's one, ``images``; OCR-VQA's)."""
+    if source["type"] == "pixmo_cap":
+        return ["images"]
+    if source["type"] == "llava_instruct":
+        given = source["image_roots"]
+        return [name for name, u in source["url_lists"].items() if u["prefix"] not in given]
+    return []
+
+
+def fetched_dir(report: str) -> str:
+    """The parts folder of a URL list beside its report (not a declared output: resumable)."""
+    return report.removesuffix(".json")
 
 
 def question_inputs(config: dict, benchmark: str) -> dict[str, str]:

@@ -171,17 +171,37 @@ def materialize_base_vlm(source: dict, out: str, *, text_model: str | None = Non
 
 
 def shard_train_data(
-    source: dict, out: str, *, raw_dir: str, worlds=(), samples_per_shard: int
+    source: dict,
+    out: str,
+    *,
+    raw_dir: str,
+    worlds=(),
+    archives=(),
+    fetched=(),
+    samples_per_shard: int,
 ) -> dict:
     """One training-data source as conversation shards, in a seeded random order: sources list
     their samples grouped (by class, by dataset), and the trainer reads whole shards and
-    shuffles only within a buffer, so the shards themselves must be mixed."""
+    shuffles only within a buffer, so the shards themselves must be mixed. ``archives``: the
+    source's extracted image archives; ``fetched``: its URL lists' reports (``fgvlm.paths``
+    layout: an archive's folder and a report's stem are their names)."""
     from fgvlm.data.conversations import read_source
+    from fgvlm.data.fetch import image_bytes
     from fgvlm.data.shards import write_conversation_shards
+    from fgvlm.paths import fetched_dir
 
-    samples = list(read_source(source, raw_dir=Path(raw_dir), world_dirs=[Path(w) for w in worlds]))
+    samples = list(
+        read_source(
+            source,
+            raw_dir=Path(raw_dir),
+            world_dirs=[Path(w) for w in worlds],
+            archives={Path(a).name: Path(a) for a in archives},
+            fetched={Path(r).stem: Path(fetched_dir(str(r))) for r in fetched},
+        )
+    )
     random.Random(0).shuffle(samples)
-    return write_conversation_shards(samples, Path(out), samples_per_shard=samples_per_shard)
+    lazy = ((record, image_bytes(image)) for record, image in samples)
+    return write_conversation_shards(lazy, Path(out), samples_per_shard=samples_per_shard)
 
 
 def train_stage(
@@ -278,3 +298,63 @@ def make_figures(inputs: dict, out_dir: str | Path, **options) -> list[Path]:
     from fgvlm.report.figures import make_figures as build
 
     return build(inputs, out_dir, **options)
+
+
+# --- training-data downloads --------------------------------------------------------------------
+
+
+def fetch_train_archive(spec: dict, out: str, *, download_dir: str) -> dict:
+    """One image archive of a training source, downloaded, checked and extracted into ``out``."""
+    from fgvlm.data.archives import fetch_archive
+
+    return fetch_archive(spec, Path(out), download_dir=Path(download_dir))
+
+
+def fetch_train_urls(
+    source: dict, urls: str, out: str, *, raw_dir: str, processes: int, fetch=None
+) -> dict:
+    """The images of one URL list of a training source (PixMo-Cap's ``images``, a
+    ``url_lists`` entry) fetched into resumable parts beside ``out``, the report at ``out``."""
+    from fgvlm.data.conversations import URL_LIST_FORMATS, download_training_data, pixmo_url_list
+    from fgvlm.data.download import download_file
+    from fgvlm.data.fetch import fetch_url_list
+    from fgvlm.paths import fetched_dir
+
+    if source["type"] == "pixmo_cap":
+        spec = source
+        items = pixmo_url_list(download_training_data(source, Path(raw_dir))["parquet"])
+    else:
+        spec = source["url_lists"][urls]
+        listing = Path(raw_dir) / "lists" / f"{urls}.json"
+        download_file(spec["url"], listing, md5=spec["md5"], size=spec["size"])
+        items = URL_LIST_FORMATS[spec["format"]](listing)
+    report = fetch_url_list(
+        items, Path(fetched_dir(out)), processes=processes, fetch=fetch, name=urls, **spec["fetch"]
+    )
+    io.write_json(report, out)
+    return report
+
+
+def data_plan(train_data: dict, used: set[str]) -> list[dict]:
+    """Per training source: what its downloads take (GB fetched, GB on disk, from the config's
+    ``plan`` figures; skipped downloads left out) and the samples it should give."""
+    from fgvlm.paths import train_archives, train_url_lists
+
+    rows = []
+    for name, entry in train_data.items():
+        source = entry["source"]
+        parts = [source, *(source["archives"][a] for a in train_archives(source))]
+        if source["type"] == "llava_instruct":
+            parts += [source["url_lists"][u] for u in train_url_lists(source)]
+        plans = [part.get("plan", {}) for part in parts]
+        rows.append(
+            {
+                "source": name,
+                "used": name in used,
+                "downloads": len(train_archives(source)) + len(train_url_lists(source)),
+                "download_gb": round(sum(p.get("download_gb", 0) for p in plans), 1),
+                "extracted_gb": round(sum(p.get("extracted_gb", 0) for p in plans), 1),
+                "samples": source.get("plan", {}).get("samples", 0),
+            }
+        )
+    return rows

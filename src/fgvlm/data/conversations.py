@@ -7,23 +7,24 @@ Every reader returns an iterator of ``(record, image_source)`` pairs in a determ
   "conversations": [{"from": "human" | "gpt", "value": str}, ...]}; "<image>" in a human turn
   marks the image. Captions (pretraining) become the `plain` template pair
   [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption}].
-- ``image_source``: the image file's path, or None for a text-only sample.
+- ``image_source``: the image file's path, a fetched image (``fgvlm.data.fetch.TarMember``, read
+  with ``fetch.image_bytes``), or None for a text-only sample.
 
-Sources (paper Appendix C) and where their files come from:
+Sources (paper Appendix C) and where their files come from (the annotation files through
+``download_training_data``, the images through ``fgvlm.data.archives`` and ``fgvlm.data.fetch``,
+each by a job of its own):
 
-- LLaVA-Pretrain (hub dataset ``liuhaotian/LLaVA-Pretrain``): ``blip_laion_cc_sbu_558k.json`` and
-  ``images.zip``, both fetched by ``download_training_data``; ``extract_zip`` unpacks the images.
-- PixMo-Cap (hub dataset ``allenai/pixmo-cap``): parquet files of image URLs and captions, fetched by
-  ``download_training_data``; ``read_pixmo_cap`` fetches the images from their URLs into a cache.
+- LLaVA-Pretrain (hub dataset ``liuhaotian/LLaVA-Pretrain``, or LLaVA-CC3M-Pretrain-595K):
+  the caption file, and ``images.zip`` as the source's ``images`` archive.
+- PixMo-Cap (hub dataset ``allenai/pixmo-cap``): parquet files of image URLs and captions; the
+  URLs are one URL list (``pixmo_url_list``) whose fetched images the reader takes.
 - LLaVA-1.5 finetuning mix (hub dataset ``liuhaotian/LLaVA-Instruct-150K``):
-  ``llava_v1_5_mix665k.json``, fetched by ``download_training_data``. Its images are not on the hub
-  and must be provided by the user, one root per first path component of the annotation's image
-  paths (LLaVA's README lists the downloads): ``coco`` (a folder holding COCO ``train2017/``),
-  ``gqa`` (holding ``images/``), ``ocr_vqa`` (holding ``images/``, converted to .jpg as LLaVA
-  does), ``textvqa`` (holding ``train_images/``), ``vg`` (holding ``VG_100K/`` and
-  ``VG_100K_2/``). An annotation path ``coco/train2017/x.jpg`` resolves to
-  ``image_roots["coco"] / "train2017/x.jpg"``; a longer key such as ``coco/train2017`` may
-  point at the train2017 folder itself.
+  ``llava_v1_5_mix665k.json``. Its images come one folder per leading part of the annotation's
+  image paths: ``coco`` (holding ``train2017/``), ``gqa`` (``images/``), ``textvqa``
+  (``train_images/``), ``vg/VG_100K`` and ``vg/VG_100K_2`` (the source's archives, or folders
+  the user points ``image_roots`` at), and ``ocr_vqa/images`` (OCR-VQA's URL list, one
+  ``<key>.jpg`` per book cover). An annotation path ``coco/train2017/x.jpg`` resolves to
+  ``root_of["coco"] / "train2017/x.jpg"``, the longest matching prefix winning.
 - The demo's synthetic worlds (``fgvlm.data.synthetic.generate_world``): ``captions.jsonl`` (a short
   web-like and a long detailed caption per image) and ``instructions.jsonl``.
 """
@@ -31,26 +32,19 @@ Sources (paper Appendix C) and where their files come from:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import re
-import time
-import urllib.error
-import urllib.request
-import zipfile
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import polars as pl
 from huggingface_hub import hf_hub_download
-from PIL import Image
-from tqdm import tqdm
 
 from fgvlm.data.download import ChecksumError
-from fgvlm.io import atomic_path, write_json
+from fgvlm.data.fetch import TarMember, fetched_images, url_key
+from fgvlm.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +52,10 @@ log = logging.getLogger(__name__)
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("human", "gpt")
 CAPTION_QUALITIES = ("short", "long")
-# allenai/pixmo-cap's parquet release (the hub's "data/" folder).
-PIXMO_CAP_FILES = tuple(f"data/train-{i:05d}-of-00004.parquet" for i in range(4))
 PIXMO_URL_COLUMN = "image_url"
-MAX_FAILURE_EXAMPLES = 20
-USER_AGENT = "fgvlm-data/0.1 (research; PixMo-Cap image fetch)"
 HASH_CHUNK = 1 << 20
 
-Sample = tuple[dict[str, Any], Path | None]
-Fetch = Callable[[str], bytes]
+Sample = tuple[dict[str, Any], Path | TarMember | None]
 
 
 # ---------------------------------------------------------------- shared checks
@@ -153,37 +142,6 @@ def _require_images(samples: list[Sample], where: Path) -> None:
 
 
 # ---------------------------------------------------------------- LLaVA-Pretrain
-def _zip_member_unsafe(name: str) -> bool:
-    """True for a member that would land outside the extraction folder (zip-slip)."""
-    path = PurePosixPath(name.replace("\\", "/"))
-    drive = re.match(r"^[A-Za-z]:", name) is not None
-    return path.is_absolute() or drive or ".." in path.parts
-
-
-def extract_zip(zip_path: Path, dest: Path) -> Path:
-    """Unpack ``zip_path`` into ``dest`` atomically; return ``dest``.
-
-    Every member is checked before anything is written: an absolute path, a drive letter or a
-    '..' component (zip-slip, the zip analogue of tarfile's "data" filter) is a ValueError naming
-    the member. ``dest`` appears only once every member is extracted (an existing ``dest`` is
-    replaced).
-    """
-    zip_path, dest = Path(zip_path), Path(dest)
-    if not zip_path.is_file():
-        raise FileNotFoundError(f"{zip_path}: zip archive not found")
-    with zipfile.ZipFile(zip_path) as archive:
-        members = archive.infolist()
-        for member in members:
-            if _zip_member_unsafe(member.filename):
-                raise ValueError(
-                    f"{zip_path}: member {member.filename!r} would be extracted outside {dest}"
-                )
-        with atomic_path(dest, is_dir=True) as tmp:
-            for member in tqdm(members, desc=f"unzip {zip_path.name}", unit="file"):
-                archive.extract(member, tmp)
-    return dest
-
-
 def read_llava_pretrain(annotations_json: Path, images_root: Path) -> Iterator[Sample]:
     """LLaVA-Pretrain (``blip_laion_cc_sbu_558k.json``) as plain-template caption pairs.
 
@@ -212,84 +170,6 @@ def read_llava_pretrain(annotations_json: Path, images_root: Path) -> Iterator[S
 
 
 # ---------------------------------------------------------------- PixMo-Cap
-def fetch_url(url: str, *, timeout: float = 30.0) -> bytes:
-    """The body of an HTTP(S) GET of ``url`` (urllib); HTTP errors raise ``HTTPError``."""
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return response.read()
-
-
-def _permanent(err: Exception) -> bool:
-    """A client error other than timeout / rate limit: retrying cannot help."""
-    return (
-        isinstance(err, urllib.error.HTTPError)
-        and 400 <= err.code < 500
-        and err.code
-        not in (
-            408,
-            429,
-        )
-    )
-
-
-def _fetch_with_retries(url: str, fetch: Fetch, retries: int, backoff: float) -> bytes:
-    """``fetch(url)``, retried up to ``retries`` more times with exponential backoff."""
-    for attempt in range(retries + 1):
-        try:
-            return fetch(url)
-        except Exception as err:
-            if attempt == retries or _permanent(err):
-                raise
-            time.sleep(backoff * 2**attempt)  # back off: transient failures and rate limits
-    raise AssertionError("unreachable")
-
-
-def _decodable(data: bytes) -> str | None:
-    """None when PIL fully decodes ``data``, else the error message."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-    except Exception as err:  # PIL raises many types on corrupt data
-        return f"{type(err).__name__}: {err}"
-    return None
-
-
-def url_cache_path(cache_dir: Path, url: str) -> Path:
-    """Where the image of ``url`` is cached: ``cache_dir/<h[:2]>/<h>``, h = sha256(url)."""
-    digest = hashlib.sha256(url.encode("utf-8")).hexdigest()
-    return Path(cache_dir) / digest[:2] / digest
-
-
-def _cached_fetch(
-    url: str, cache_dir: Path, fetch: Fetch, retries: int, backoff: float, retry_failed: bool
-) -> dict[str, Any]:
-    """Fetch one URL through the cache: {"status": "kept"|"dead"|"undecodable", "error"?}.
-
-    Images are written to the cache only once decodable; failures leave a ``.failed`` marker
-    so a rerun neither refetches nor miscounts them (``retry_failed`` ignores the markers).
-    """
-    path = url_cache_path(cache_dir, url)
-    marker = path.with_name(path.name + ".failed")
-    if path.is_file():
-        return {"status": "kept"}
-    if marker.is_file() and not retry_failed:
-        return json.loads(marker.read_text())
-    try:
-        data = _fetch_with_retries(url, fetch, retries, backoff)
-        error = _decodable(data)
-        result = {"status": "kept"} if error is None else {"status": "undecodable", "error": error}
-    except Exception as err:
-        data, result = b"", {"status": "dead", "error": f"{type(err).__name__}: {err}"}
-    if result["status"] == "kept":
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(data)
-        marker.unlink(missing_ok=True)
-    else:
-        with atomic_path(marker) as tmp:
-            tmp.write_text(json.dumps(result, sort_keys=True))
-    return result
-
-
 def _parquet_files(parquet_path: Path | Sequence[Path]) -> list[Path]:
     """A parquet file, a list of them, or every ``*.parquet`` under a folder in sorted order."""
     if isinstance(parquet_path, (list, tuple)):
@@ -317,66 +197,68 @@ def _read_pixmo_rows(parquet_path: Path | Sequence[Path], field: str) -> pl.Data
     return pl.concat(frames).rename({field: "caption"})
 
 
+def pixmo_url_list(parquet_path: Path | Sequence[Path]) -> list[tuple[str, str]]:
+    """PixMo-Cap's distinct image URLs as (key, url), sorted by URL (``fetch.url_key`` keys)."""
+    urls = set()
+    for file in _parquet_files(parquet_path):
+        frame = pl.read_parquet(file, columns=[PIXMO_URL_COLUMN])
+        urls.update(u for u in frame[PIXMO_URL_COLUMN].to_list() if u)
+    return [(url_key(url), url) for url in sorted(urls)]
+
+
 def read_pixmo_cap(
     parquet_path: Path | Sequence[Path],
-    cache_dir: Path,
-    report_path: Path,
+    images: dict[str, TarMember],
     *,
-    fetch: Fetch | None = None,
-    retries: int = 3,
-    workers: int = 8,
-    backoff: float = 1.0,
     field: str = "caption",
-    retry_failed: bool = False,
 ) -> Iterator[Sample]:
-    """PixMo-Cap as plain-template caption pairs, images fetched from their URLs into a cache.
+    """PixMo-Cap as plain-template caption pairs, with the images fetched from its URL list.
 
     ``parquet_path``: a PixMo-Cap parquet file, a list of them, or a folder of them (columns
     ``image_url``, ``caption``, ``transcripts``, ...); only ``field`` (the paper: "caption",
-    never the audio transcripts) is used. Each distinct URL is fetched once with
-    ``fetch(url) -> bytes`` (default ``fetch_url``) on ``workers`` threads, retried ``retries``
-    times with exponential backoff from ``backoff`` s, and cached under ``cache_dir`` by
-    sha256(url) (``url_cache_path``); a cached image or failure marker is reused without
-    network (``retry_failed=True`` refetches the failures). Rows whose URL is dead or whose bytes PIL cannot decode are dropped, rows
-    without a caption too. Writes ``report_path`` (JSON): {"total", "kept", "dead", "undecodable",
-    "no_caption", "examples": [{"row", "url", "status", "error"}]} and returns an iterator of
-    (record {"id": "pixmo-<row>", "image": url, "conversations"}, cached image path) in row order.
+    never the audio transcripts) is used. ``images``: the fetched images by ``url_key``
+    (``fetch.fetched_images``). Rows whose image was not kept (dead or undecodable URLs: the
+    fetch report counts them) or that have no caption are left out. Returns (record {"id":
+    "pixmo-<row>", "image": url, "conversations"}, fetched image) in row order.
     """
-    if retries < 0 or workers < 1:
-        raise ValueError(f"read_pixmo_cap: need retries >= 0, workers >= 1 ({retries}, {workers})")
-    fetch = fetch or fetch_url  # looked up at call time: tests and callers may swap it
     rows = _read_pixmo_rows(parquet_path, field)
-    urls = sorted({u for u in rows[PIXMO_URL_COLUMN].to_list() if u})
-    results: dict[str, dict[str, Any]] = {}
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {
-            pool.submit(_cached_fetch, url, cache_dir, fetch, retries, backoff, retry_failed): url
-            for url in urls
-        }
-        for future in tqdm(as_completed(futures), total=len(futures), desc="PixMo-Cap images"):
-            results[futures[future]] = future.result()
     samples: list[Sample] = []
-    counts = {"kept": 0, "dead": 0, "undecodable": 0, "no_caption": 0}
-    examples = []
+    dropped: Counter[str] = Counter()
     for row, (url, caption) in enumerate(rows.iter_rows()):
-        result = results.get(url, {"status": "dead", "error": "empty image_url"})
-        status = result["status"] if caption else "no_caption"
-        counts[status] += 1
-        if status != "kept":
-            if len(examples) < MAX_FAILURE_EXAMPLES:
-                error = result.get("error", "no caption")
-                examples.append({"row": row, "url": url, "status": status, "error": error})
+        image = images.get(url_key(url)) if url else None
+        if image is None or not caption:
+            dropped["no_image" if image is None else "no_caption"] += 1
             continue
         record = {
             "id": f"pixmo-{row:07d}",
             "image": url,
             "conversations": caption_conversation(caption),
         }
-        samples.append((record, url_cache_path(cache_dir, url)))
-    report = {"total": rows.height, **counts, "examples": examples}
-    write_json(report, report_path)
-    log.info("PixMo-Cap: %s", {k: v for k, v in report.items() if k != "examples"})
+        samples.append((record, image))
+    log.info("PixMo-Cap: %d of %d rows kept, dropped %s", len(samples), rows.height, dict(dropped))
     return iter(samples)
+
+
+# ---------------------------------------------------------------- OCR-VQA's URL list
+def ocr_vqa_url_list(dataset_json: Path) -> list[tuple[str, str]]:
+    """OCR-VQA's ``dataset.json`` ({key: {"imageURL", ...}}) as (key, url) sorted by key."""
+    where = Path(dataset_json)
+    try:
+        data = json.loads(where.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object keyed by image id")
+    items = []
+    for key, entry in sorted(data.items()):
+        url = entry.get("imageURL") if isinstance(entry, dict) else None
+        if not isinstance(url, str) or not url:
+            raise ValueError(f"{where}: entry {key!r} has no 'imageURL'")
+        items.append((str(key), url))
+    return items
+
+
+URL_LIST_FORMATS = {"ocr_vqa": ocr_vqa_url_list}
 
 
 # ---------------------------------------------------------------- LLaVA-1.5 finetuning mix
@@ -389,36 +271,78 @@ def _image_under_root(image: PurePosixPath, roots: dict[PurePosixPath, Path]) ->
     return None
 
 
-def read_llava_instruct(annotations_json: Path, image_roots: dict[str, Path]) -> Iterator[Sample]:
+def _fetched_image(image: PurePosixPath, fetched: dict[PurePosixPath, dict[str, TarMember]]):
+    """(found, fetched image or None) for an image under a fetched URL list's prefix."""
+    for n in range(len(image.parts) - 1, 0, -1):
+        images = fetched.get(PurePosixPath(*image.parts[:n]))
+        if images is not None:
+            return True, images.get(PurePosixPath(*image.parts[n:]).stem)
+    return False, None
+
+
+def read_llava_instruct(
+    annotations_json: Path,
+    image_roots: dict[str, Path],
+    *,
+    fetched: dict[str, dict[str, TarMember]] | None = None,
+    missing_images: str = "fail",
+    report_path: Path | None = None,
+) -> Iterator[Sample]:
     """LLaVA-1.5's ``llava_v1_5_mix665k.json`` (or any LLaVA-format instruction file).
 
     ``image_roots`` maps a leading part of the annotation's image paths to a folder that
     replaces it, the longest matching part winning: with {"coco": "/d/coco"} the path
     ``coco/train2017/x.jpg`` resolves to ``/d/coco/train2017/x.jpg``; with {"coco/train2017":
-    "/d/train2017"} to ``/d/train2017/x.jpg``. Samples without "image" stay text-only (image
-    source None). Every image is checked before anything is returned: an image under no root is
-    a ValueError, a missing file a FileNotFoundError, both naming sample and path. Returns an
-    iterator of (record {"id", "image"?, "conversations"}, path | None) in file order.
+    "/d/train2017"} to ``/d/train2017/x.jpg``. ``fetched`` maps a prefix to a fetched URL list
+    (key -> image): ``ocr_vqa/images/<key>.jpg`` is that list's image ``key``. Samples without
+    "image" stay text-only (image source None). An image under no root is a ValueError. Images
+    that could not be had (a missing file, a dead URL) are counted per source (the path's first
+    part) into ``report_path`` and the log; with ``missing_images="fail"`` they are a
+    FileNotFoundError naming the first, with "drop" their samples are left out. Returns an
+    iterator of (record {"id", "image"?, "conversations"}, image source | None) in file order.
     """
+    if missing_images not in ("fail", "drop"):
+        raise ValueError(f"missing_images must be 'fail' or 'drop', not {missing_images!r}")
     where = Path(annotations_json)
     roots = {PurePosixPath(prefix): Path(root) for prefix, root in image_roots.items()}
+    by_prefix = {PurePosixPath(prefix): images for prefix, images in (fetched or {}).items()}
     samples: list[Sample] = []
+    missing: Counter[str] = Counter()
+    first_missing = None
     for index, item in enumerate(_read_json_list(where)):
         sample_id = _sample_id(item, index, where)
         record: dict[str, Any] = {"id": sample_id}
         source = None
         if item.get("image") is not None:
             image = _relative_image(item["image"], sample_id, where)
-            source = _image_under_root(image, roots)
+            found, source = _fetched_image(image, by_prefix)
+            if not found:
+                source = _image_under_root(image, roots)
+                if source is None:
+                    raise ValueError(
+                        f"{where}: sample {sample_id!r} image {str(image)!r} is under no image "
+                        f"root (roots: {sorted(str(r) for r in [*roots, *by_prefix])})"
+                    )
+                source = source if source.is_file() else None
             if source is None:
-                raise ValueError(
-                    f"{where}: sample {sample_id!r} image {str(image)!r} is under no image root "
-                    f"(image_roots: {sorted(str(r) for r in roots)})"
-                )
+                missing[image.parts[0]] += 1
+                first_missing = first_missing or (sample_id, str(image))
+                continue
             record["image"] = str(image)
         record["conversations"] = _check_conversations(item.get("conversations"), sample_id, where)
         samples.append((record, source))
-    _require_images(samples, where)
+    report = {"samples": len(samples), "missing": dict(sorted(missing.items()))}
+    report["dropped"] = sum(missing.values()) if missing_images == "drop" else 0
+    if report_path is not None:
+        write_json(report, report_path)
+    log.info("%s: %s", where.name, report)
+    if missing and missing_images == "fail":
+        sample_id, image = first_missing
+        raise FileNotFoundError(
+            f"{where}: sample {sample_id!r}: image {image} could not be had "
+            f"({sum(missing.values())} missing: {dict(missing)}; missing_images: drop leaves "
+            f"them out)"
+        )
     return iter(samples)
 
 
@@ -505,77 +429,88 @@ def _hub_file(source: dict[str, Any], filename: str, dest: Path) -> Path:
 
 
 def download_training_data(source: dict[str, Any], dest: Path) -> dict[str, Any]:
-    """Download a hub-hosted training source (a ``train_data.<key>.source`` config) into ``dest``.
+    """The hub-hosted files of a training source (``train_data.<key>.source``) into ``dest``.
 
-    ``source``: {"type", "repo", "revision", ...} plus optional {"sha256": {filename: hex}}.
-    - llava_pretrain: ``annotations`` and ``images`` (the zip) -> {"annotations", "images"} paths
-    - pixmo_cap: ``files`` (default ``PIXMO_CAP_FILES``) -> {"parquet": [paths]}
-    - llava_instruct: ``annotations`` -> {"annotations": path}; the images are user-provided
-      roots (see the module docstring).
+    - llava_pretrain, llava_instruct: ``annotations`` -> {"annotations": path}
+    - pixmo_cap: ``files`` -> {"parquet": [paths]}
     Files land at ``dest/<filename>`` through ``huggingface_hub.hf_hub_download``, which skips
-    files already there at the same revision. Synthetic sources have nothing to download.
+    files already there at the same revision; sha256-checked where ``sha256`` pins them. Images
+    come from the source's archives and URL lists. Synthetic sources have nothing to download.
     """
     kind = source.get("type")
     dest = Path(dest)
-    if kind == "llava_pretrain":
-        return {
-            "annotations": _hub_file(source, source["annotations"], dest),
-            "images": _hub_file(source, source["images"], dest),
-        }
-    if kind == "pixmo_cap":
-        files = source.get("files", PIXMO_CAP_FILES)
-        return {"parquet": [_hub_file(source, name, dest) for name in files]}
-    if kind == "llava_instruct":
+    if kind in ("llava_pretrain", "llava_instruct"):
         return {"annotations": _hub_file(source, source["annotations"], dest)}
+    if kind == "pixmo_cap":
+        return {"parquet": [_hub_file(source, name, dest) for name in source["files"]]}
     raise ValueError(f"training source type {kind!r} has nothing to download")
 
 
 HUB_SOURCES = ("llava_pretrain", "pixmo_cap", "llava_instruct")
 
 
-def read_training_source(source: dict[str, Any], raw_dir: Path) -> Iterator[Sample]:
-    """Download (``download_training_data``) and read one hub-hosted training source.
+def _under(raw_dir: Path, folder: str) -> Path:
+    """A configured folder: absolute, or relative to the source's raw folder."""
+    return raw_dir / folder  # an absolute ``folder`` replaces ``raw_dir``
 
-    ``source``: a ``train_data.<key>.source`` config; ``raw_dir``: its download folder. Returns
-    the reader's (record, image source) iterator:
-    - llava_pretrain: images.zip is extracted to ``raw_dir/images`` (an existing folder is
-      reused: extraction is atomic, so it is complete);
-    - pixmo_cap: images are cached in ``raw_dir/images``, the fetch report is
-      ``raw_dir/fetch_report.json``; optional source keys ``field``, ``workers``, ``retries``;
-    - llava_instruct: ``image_roots`` values that are relative paths are taken relative to
-      ``raw_dir`` (see ``read_llava_instruct`` for how keys match image paths).
-    Synthetic sources need their world folders: use ``read_synthetic_*``.
+
+def read_training_source(
+    source: dict[str, Any],
+    raw_dir: Path,
+    *,
+    archives: dict[str, Path] | None = None,
+    fetched: dict[str, Path] | None = None,
+) -> Iterator[Sample]:
+    """Download the annotations of a hub-hosted training source and read it with its images.
+
+    ``source``: a ``train_data.<key>.source`` config (schema defaults filled); ``raw_dir``: its
+    download folder; ``archives``: archive name -> extracted folder; ``fetched``: URL-list name
+    -> its parts folder (``fetch.fetch_url_list``). A user's ``image_root`` / ``image_roots``
+    (absolute, or relative to ``raw_dir``) take the place of the archives and lists they cover.
     """
     kind = source.get("type")
     if kind not in HUB_SOURCES:
         raise ValueError(f"training source type {kind!r} is not hub-hosted ({HUB_SOURCES})")
-    raw_dir = Path(raw_dir)
+    raw_dir, archives, fetched = Path(raw_dir), archives or {}, fetched or {}
     files = download_training_data(source, raw_dir)
     if kind == "llava_pretrain":
-        images = raw_dir / "images"
-        if not images.is_dir():
-            extract_zip(files["images"], images)
-        return read_llava_pretrain(files["annotations"], images)
+        if source["image_root"]:
+            root = _under(raw_dir, source["image_root"])
+        else:
+            root = Path(archives["images"]) / source["archives"]["images"]["subdir"]
+        return read_llava_pretrain(files["annotations"], root)
     if kind == "pixmo_cap":
-        return read_pixmo_cap(
-            files["parquet"],
-            raw_dir / "images",
-            raw_dir / "fetch_report.json",
-            field=source.get("field", "caption"),
-            workers=source.get("workers", 8),
-            retries=source.get("retries", 3),
-        )
-    if "image_roots" not in source:
-        raise ValueError(f"llava_instruct source {source.get('repo')!r} has no 'image_roots'")
-    roots = {prefix: raw_dir / root for prefix, root in source["image_roots"].items()}
-    return read_llava_instruct(files["annotations"], roots)
+        images = fetched_images(fetched["images"])
+        return read_pixmo_cap(files["parquet"], images, field=source["field"])
+    roots = {prefix: _under(raw_dir, folder) for prefix, folder in source["image_roots"].items()}
+    for name, spec in source["archives"].items():
+        if spec["prefix"] not in roots:
+            roots[spec["prefix"]] = Path(archives[name]) / spec["subdir"]
+    lists = {
+        spec["prefix"]: fetched_images(fetched[name])
+        for name, spec in source["url_lists"].items()
+        if spec["prefix"] not in roots
+    }
+    return read_llava_instruct(
+        files["annotations"],
+        roots,
+        fetched=lists,
+        missing_images=source["missing_images"],
+        report_path=raw_dir / "images_report.json",
+    )
 
 
 def read_source(
-    source: dict[str, Any], *, raw_dir: Path, world_dirs: Sequence[Path] = ()
+    source: dict[str, Any],
+    *,
+    raw_dir: Path,
+    world_dirs: Sequence[Path] = (),
+    archives: dict[str, Path] | None = None,
+    fetched: dict[str, Path] | None = None,
 ) -> Iterator[Sample]:
     """(record, image) pairs of one ``train_data.<key>.source``, in a fixed order: synthetic
-    sources from their drawn ``world_dirs``, hub-hosted ones downloaded into ``raw_dir``."""
+    sources from their drawn ``world_dirs``, hub-hosted ones from ``raw_dir`` and their images'
+    ``archives`` and ``fetched`` URL lists (``read_training_source``)."""
     if source["type"] == "synthetic_captions":
         for world in world_dirs:
             yield from read_synthetic_captions(Path(world), source["quality"])
@@ -583,4 +518,4 @@ def read_source(
         for world in world_dirs:
             yield from read_synthetic_instructions(Path(world))
     else:
-        yield from read_training_source(source, Path(raw_dir))
+        yield from read_training_source(source, Path(raw_dir), archives=archives, fetched=fetched)
