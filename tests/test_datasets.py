@@ -394,9 +394,11 @@ def _imagenet_spec(tmp_path, offline_downloads, **source) -> dict:
     val = tmp_path / "val"
     for number, label in [(1, 999), (3, 0), (4, 20)]:
         _jpeg(val / W[label] / f"ILSVRC2012_val_{number:08d}.JPEG")
-    url = "https://example.org/human_accuracy_v3.0.0.json"
     body = json.dumps(_annotations()).encode()
-    offline_downloads[url] = body
+    mirror = tmp_path / "mirror" / "human_accuracy_v3.0.0.json"  # served as a file:// URL
+    mirror.parent.mkdir(parents=True, exist_ok=True)
+    mirror.write_bytes(body)
+    url = mirror.as_uri()
     defaults = {"min_wrong": 4, "single_correct": False, "keep_problematic": False}
     return {
         "source": {
