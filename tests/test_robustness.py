@@ -128,6 +128,41 @@ def test_two_evaluations_side_by_side_equal_the_sequential_ones(cut_runs):
     assert [name for name in temp if not name.startswith("torchinductor_")] == []
 
 
+def _dry_run(workdir: Path, config: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*SNAKEMAKE, "all", "--directory", str(workdir), "-n", "--configfile", str(config)],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_dry_run_refuses_a_study_without_rows_and_a_duplicated_key(tmp_path):
+    """`all` with no ablation rows cannot finish (the figures need a row): refused up front.
+    A key given twice in the --configfile is refused although Snakemake's loader keeps the last."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        from test_workflow import demo_config
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    config = demo_config(tmp_path, ablations=[], report={})
+    proc = _dry_run(tmp_path, config)
+    assert proc.returncode != 0
+    assert (
+        "invalid config: ablations: no rows; the study needs at least one"
+        in proc.stdout + proc.stderr
+    )
+    config = demo_config(tmp_path)
+    text = config.read_text()
+    config.write_text(text + "seed: 3\n")
+    proc = _dry_run(tmp_path, config)
+    assert proc.returncode != 0
+    line = len(text.splitlines()) + 1
+    first = text.splitlines().index("seed: 0") + 1
+    assert f"{config}: duplicate key 'seed' (lines {first} and {line})" in proc.stdout + proc.stderr
+    assert not (tmp_path / "data").exists()
+
+
 def test_mining_names_the_benchmark_when_negatives_outnumber_its_classes():
     manifest = pl.DataFrame({"key": ["a"], "path": ["/a.png"], "label": [0], "classname": ["x"]})
     with pytest.raises(ValueError) as err:
