@@ -9,6 +9,8 @@ if "benchmarks" not in config:
     config.update(fc.load_config(Path(workflow.basedir) / "config" / "config.yaml"))
     config.update(_overrides)
 try:
+    for _path in workflow.overwrite_configfiles or []:
+        fc.read_yaml(_path)  # Snakemake's YAML loader keeps the last of two equal keys
     config.update(fc.validate(config))
 except fc.ConfigError as err:
     raise WorkflowError(f"invalid config: {err}") from None

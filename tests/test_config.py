@@ -163,3 +163,141 @@ def test_hub_vlm_specs_carry_remote_code_opt_in_and_processor_kwargs(paper):
     assert models["hub-llava15_7b"]["trust_remote_code"] is False
     assert "processor_kwargs" not in models["hub-llava15_7b"]
     assert {spec["option_prompt"] for spec in models.values()} == {"cloze"}
+
+
+def _invalid(cfg: dict) -> str:
+    with pytest.raises(fc.ConfigError) as err:
+        fc.validate(cfg)
+    return str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (
+            lambda c: c["clip_models"]["tiny_p8"]["source"]["pretrain"].update(
+                worlds=["shapes", "shapez"]
+            ),
+            "clip_models.tiny_p8.source.pretrain.worlds[1]: 'shapez' is not defined in "
+            "synthetic_worlds (known: patterns, shapes)",
+        ),
+        (
+            lambda c: c["train_data"]["instructions"]["source"].update(worlds=["animals"]),
+            "train_data.instructions.source.worlds[0]: 'animals' is not defined in "
+            "synthetic_worlds (known: patterns, shapes)",
+        ),
+        (
+            lambda c: c["synthetic_worlds"]["shapes"].update(family="birds"),
+            "synthetic_worlds.shapes.family: 'birds' is not one of "
+            "['creatures', 'patterns', 'shapes']",
+        ),
+        (
+            lambda c: c["miner"].update(negatives=24),
+            "miner.negatives: 24 negatives need more than 24 classes, but benchmarks.shapes has 24",
+        ),
+        (
+            lambda c: c["recipes"]["finetune"].update(per_device_batch=12),
+            "ablations[0] (p8_llama_nopt) (finetune recipe 'finetune'): global_batch 32 is not "
+            "a multiple of per_device_batch 12 x 1 data-parallel ranks "
+            "(resources.finetune: nodes x gpu)",
+        ),
+        (
+            lambda c: c["resources"]["pretrain"].update(gpu=4),
+            "ablations[1] (p8_llama_short) (pretrain recipe 'pretrain_connector'): global_batch "
+            "32 is not a multiple of per_device_batch 16 x 4 data-parallel ranks "
+            "(resources.pretrain: nodes x gpu)",
+        ),
+        (
+            lambda c: c["ablations"][2].update(recipes={"pretrain": {"global_batch": 24}}),
+            "ablations[2] (p8_llama_long) (pretrain recipe 'pretrain_connector'): global_batch "
+            "24 is not a multiple of per_device_batch 16 x 1 data-parallel ranks",
+        ),
+        (
+            lambda c: c["ablations"][2].update(recipes={"finetune": {"epochs": "two"}}),
+            "ablations[2] (p8_llama_long).recipes.finetune.epochs: 'two' is not of type 'number'",
+        ),
+        (
+            lambda c: c["ablations"][2].update(recipes={"finetune": {"learning_rate": 1e-3}}),
+            "ablations[2] (p8_llama_long).recipes.finetune: Additional properties are not "
+            "allowed ('learning_rate' was unexpected)",
+        ),
+        (
+            lambda c: c["train_data"]["captions_short"]["source"].update(qualty="short"),
+            "train_data.captions_short.source: Additional properties are not allowed "
+            "('qualty' was unexpected)",
+        ),
+        (
+            lambda c: c["train_data"]["captions_short"]["source"].update(type="laion"),
+            "train_data.captions_short.source: unknown type 'laion'; expected one of "
+            "['llava_pretrain', 'pixmo_cap', 'llava_instruct', 'synthetic_captions', "
+            "'synthetic_instructions']",
+        ),
+        (
+            lambda c: c.update(ablations=[]),
+            "ablations: no rows; the study needs at least one (a trained row, or a `hub:` row "
+            "evaluating a released VLM)",
+        ),
+        (
+            lambda c: c["report"]["table1"][1].update(run="p8_llama_shrt"),
+            "report.table1[1].run: 'p8_llama_shrt' is not defined in ablations (known: ",
+        ),
+        (
+            lambda c: c["report"]["table1"].append({"model": "tiny_llava2"}),
+            "report.table1[7].model: 'tiny_llava2' is not defined in hub_vlms "
+            "(known: tiny_llava, tiny_qwen2_vl)",
+        ),
+        (
+            lambda c: c["report"]["table1"][3].update(after="p8_short"),
+            "report.table1[3].after: 'p8_short' is not defined in ablations",
+        ),
+    ],
+)
+def test_demo_config_errors_that_used_to_fail_inside_a_job(mutate, message):
+    cfg = copy.deepcopy(raw(DEMO))
+    mutate(cfg)
+    assert message in _invalid(cfg)
+
+
+def test_paper_config_errors_name_the_key_path():
+    cfg = copy.deepcopy(raw(PAPER))
+    cfg["train_data"]["llava_ft"]["source"]["image_root"] = "coco"
+    assert _invalid(cfg) == (
+        "train_data.llava_ft.source: Additional properties are not allowed "
+        "('image_root' was unexpected)"
+    )
+    cfg = copy.deepcopy(raw(PAPER))
+    cfg["recipes"]["finetune"]["per_device_batch"] = 8  # 128 = 8 x 4 nodes x 4 GPUs
+    assert fc.validate(cfg)
+    cfg["recipes"]["finetune"]["per_device_batch"] = 16
+    assert _invalid(cfg) == (
+        "ablations[1] (clip_vicuna_llavapt_seed1) (finetune recipe 'finetune'): global_batch 128 is not "
+        "a multiple of per_device_batch 16 x 16 data-parallel ranks "
+        "(resources.finetune: nodes x gpu)"
+    )
+
+
+def test_synthetic_family_enum_lists_every_family():
+    from fgvlm.data.synthetic import FAMILIES
+
+    world = fc.load_schema()["properties"]["synthetic_worlds"]["additionalProperties"]
+    assert world["properties"]["family"]["enum"] == sorted(FAMILIES)
+
+
+def test_duplicated_yaml_key_is_refused_with_both_lines(tmp_path):
+    text = DEMO.read_text()
+    assert "\nminer:\n  clip: tiny_miner\n" in text
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        text.replace(
+            "\nminer:\n  clip: tiny_miner\n", "\nminer:\n  clip: tiny_miner\n  clip: tiny_p8\n"
+        )
+    )
+    line = text.splitlines().index("  clip: tiny_miner") + 1
+    with pytest.raises(fc.ConfigError) as err:
+        fc.load_config(study)
+    assert str(err.value) == f"{study}: duplicate key 'clip' (lines {line} and {line + 1})"
+    study.write_text(text + "\nseed: 1\n")
+    with pytest.raises(fc.ConfigError, match=r"duplicate key 'seed' \(lines 5 and \d+\)"):
+        fc.load_config(study)
+    study.write_text("base: &b {x: 1}\nother:\n  <<: *b\n  y: 2\n")
+    assert fc.read_yaml(study)["other"] == {"x": 1, "y": 2}  # a YAML merge is not a duplicate

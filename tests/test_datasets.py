@@ -545,3 +545,36 @@ def test_read_csv_source_integer_labels_and_errors(tmp_path):
     csv_path.write_text("path,label\na.jpg,x\n./a.jpg,x\n")
     with pytest.raises(ValueError, match="both give manifest key 'a'"):
         folder.read_csv_source(csv_path)
+
+
+def test_benchmark_class_table_labels_image_folder_and_csv_sources(tmp_path):
+    """``classnames:`` labels a folder or CSV by the table's order, classes without images
+    included, so mining sees every class; a class outside the table names the folder or line."""
+    from fgvlm.data.benchmarks import read_benchmark
+
+    table = load_classnames("oxford_iiit_pet37")
+    root = tmp_path / "pets"
+    _jpeg(root / "Bengal" / "1.jpg")
+    _jpeg(root / "Basset_Hound" / "2.jpg")
+    spec = {"source": {"type": "image_folder", "root": str(root), "split": "test"}}
+    bench = read_benchmark({**spec, "classnames": "oxford_iiit_pet37"}, raw_dir=tmp_path / "raw")
+    assert bench.classnames == table
+    assert bench.frame["label"].to_list() == [table.index("Basset Hound"), table.index("Bengal")]
+    assert bench.frame["classname"].to_list() == ["Basset Hound", "Bengal"]
+    csv_path = tmp_path / "list.csv"
+    csv_path.write_text("path,label\npets/Bengal/1.jpg,Bengal\npets/Basset_Hound/2.jpg,Pug\n")
+    csv_spec = {"source": {"type": "csv", "csv": str(csv_path), "split": "test"}}
+    bench = read_benchmark({**csv_spec, "classnames": "oxford_iiit_pet37"}, raw_dir=tmp_path)
+    assert bench.frame["label"].to_list() == [table.index("Bengal"), table.index("Pug")]
+
+    _jpeg(root / "Tabby" / "3.jpg")
+    with pytest.raises(ValueError) as err:
+        read_benchmark({**spec, "classnames": "oxford_iiit_pet37"}, raw_dir=tmp_path / "raw")
+    assert str(err.value) == (
+        f"{root / 'Tabby'}: class 'Tabby' is not in the benchmark's class names "
+        "(37 classes: 'Abyssinian', 'American Bulldog', 'American Pit Bull Terrier', ...)"
+    )
+    csv_path.write_text("path,label\npets/Bengal/1.jpg,Bengal\npets/Tabby/3.jpg,Tabby\n")
+    with pytest.raises(ValueError) as err:
+        read_benchmark({**csv_spec, "classnames": "oxford_iiit_pet37"}, raw_dir=tmp_path)
+    assert str(err.value) == f"{csv_path}:3: class 'Tabby' is not in the benchmark's class names"

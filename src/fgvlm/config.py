@@ -39,14 +39,38 @@ def load_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    config = read_yaml(path)
     try:
         return validate(config)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from err
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's data; a malformed file or a mapping with a repeated key is a ConfigError
+    naming the file (Snakemake's loader, like plain YAML, keeps the last of two equal keys)."""
+    try:
+        return yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a mapping with a repeated key (plain YAML keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise ConfigError(f"duplicate key {key!r} (lines {lines[key]} and {line})")
+            lines[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def canonical(value: Any) -> Any:
@@ -196,10 +220,72 @@ def _check_references(config: dict) -> None:
     clash = set(config["benchmarks"]) & set(config["vqa_benchmarks"])
     if clash:
         raise ConfigError(f"vqa_benchmarks: names also used by benchmarks: {sorted(clash)}")
+    _check_worlds(config)
+    _check_negatives(config)
     _check_ablations(config)
+    _check_table1(config)
+
+
+def _check_worlds(config: dict) -> None:
+    """Every world a CLIP pre-trains on or a training source reads is a synthetic world."""
+    worlds = config["synthetic_worlds"]
+    for name, clip in config["clip_models"].items():
+        for i, world in enumerate((clip["source"].get("pretrain") or {}).get("worlds", [])):
+            _require(
+                world,
+                worlds,
+                "synthetic_worlds",
+                f"clip_models.{name}.source.pretrain.worlds[{i}]",
+            )
+    for name, data in config["train_data"].items():
+        for i, world in enumerate(data["source"].get("worlds", [])):
+            _require(world, worlds, "synthetic_worlds", f"train_data.{name}.source.worlds[{i}]")
+
+
+def _class_count(config: dict, bench: dict) -> int | None:
+    """How many classes a benchmark has, where the config alone says (a class table or a
+    synthetic world); None for sources only their files describe."""
+    if "classnames" in bench:
+        return len(_classname_tables()[bench["classnames"]])
+    if bench["source"]["type"] == "synthetic":
+        from fgvlm.data.synthetic import get_family
+
+        world = config["synthetic_worlds"][bench["source"]["world"]]
+        return len(get_family(world["family"]).class_attributes())
+    return None
+
+
+def _check_negatives(config: dict) -> None:
+    """A question's negatives are other classes: fewer of them than the benchmark has classes."""
+    negatives = config["miner"]["negatives"]
+    for name, bench in config["benchmarks"].items():
+        count = _class_count(config, bench)
+        if count is not None and negatives >= count:
+            raise ConfigError(
+                f"miner.negatives: {negatives} negatives need more than {negatives} classes, "
+                f"but benchmarks.{name} has {count}"
+            )
+
+
+def _check_table1(config: dict) -> None:
+    """Table 1's rows name ablation runs or hub VLMs of this study."""
+    runs = {row["name"]: row for row in config["ablations"]}
+    for i, entry in enumerate(config["report"]["table1"]):
+        where = f"report.table1[{i}]"
+        if "run" in entry:
+            _require(entry["run"], runs, "ablations", f"{where}.run")
+        if "model" in entry:
+            _require(entry["model"], config["hub_vlms"], "hub_vlms", f"{where}.model")
+        if "after" in entry:
+            _require(entry["after"], runs, "ablations", f"{where}.after")
 
 
 def _check_ablations(config: dict) -> None:
+    if not config["ablations"]:
+        raise ConfigError(
+            "ablations: no rows; the study needs at least one (a trained row, or a `hub:` row "
+            "evaluating a released VLM)"
+        )
     seen: set[str] = set()
     recipes = config["recipes"]
     for i, row in enumerate(config["ablations"]):
@@ -229,17 +315,43 @@ def _check_ablations(config: dict) -> None:
         if row["ft_data"] in NO_DATA:
             raise ConfigError(f"{where}.ft_data: a trained row needs finetuning data")
         for stage in ("pretrain", "finetune"):
+            override = (row.get("recipes") or {}).get(stage, {})
+            _check_recipe_override(override, f"{where}.recipes.{stage}")
             name = recipe_name(row, stage)
-            if name is not None:
-                _require(name, recipes, "recipes", f"{where} ({stage} recipe)")
-            for key in (row.get("recipes") or {}).get(stage, {}):
-                if (
-                    key
-                    not in load_schema()["properties"]["recipes"]["additionalProperties"][
-                        "properties"
-                    ]
-                ):
-                    raise ConfigError(f"{where}.recipes.{stage}: unknown recipe field {key!r}")
+            if name is None:
+                continue
+            _require(name, recipes, "recipes", f"{where} ({stage} recipe)")
+            _check_batch(
+                {**recipes[name], **override},
+                config["resources"].get(stage) or {},
+                f"{where} ({stage} recipe {name!r})",
+                stage,
+            )
+
+
+def _check_recipe_override(override: dict, where: str) -> None:
+    """A row's recipe override holds recipe fields of the recipe schema's types."""
+    recipe = load_schema()["properties"]["recipes"]["additionalProperties"]
+    schema = {"type": "object", "additionalProperties": False, "properties": recipe["properties"]}
+    error = next(iter(jsonschema.Draft202012Validator(schema).iter_errors(override)), None)
+    if error is not None:
+        path = _key_path(error.absolute_path)
+        at = where if path == "<top level>" else f"{where}.{path}"
+        raise ConfigError(f"{at}: {error.message}")
+
+
+def _check_batch(recipe: dict, resource: dict, where: str, stage: str) -> None:
+    """The global batch splits evenly over the data-parallel ranks' per-device batches."""
+    if "per_device_batch" not in recipe:
+        return  # the trainer picks a per-device batch that divides it
+    ranks = max(1, resource.get("nodes", 1) * resource.get("gpu", 0))
+    step = recipe["per_device_batch"] * ranks
+    if recipe["global_batch"] % step:
+        raise ConfigError(
+            f"{where}: global_batch {recipe['global_batch']} is not a multiple of "
+            f"per_device_batch {recipe['per_device_batch']} x {ranks} data-parallel ranks "
+            f"(resources.{stage}: nodes x gpu)"
+        )
 
 
 def _classname_tables() -> dict:

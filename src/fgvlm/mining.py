@@ -203,6 +203,11 @@ def mine_questions(
     prompt templates; optionally ``candidates``: per image key, the only labels that may be its
     negatives (CLIP ranks them). Out: the questions frame of ``build_questions``.
     """
+    if k >= len(classnames):
+        raise ValueError(
+            f"{benchmark}: miner.negatives is {k}, but the benchmark has {len(classnames)} "
+            f"classes: a question needs {k} classes other than the true one"
+        )
     _check_manifest(manifest, classnames, benchmark)
     paths = manifest["path"].to_list()
     images = _Sized(_open_images(paths), len(paths))

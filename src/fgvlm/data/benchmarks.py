@@ -41,6 +41,8 @@ def read_benchmark(spec: dict, *, raw_dir: Path, world_dir: Path | None = None) 
     """
     source = spec["source"]
     candidates, expected, where = None, None, str(raw_dir)
+    # a class table labels folder and CSV classes by its order (their names must be in it)
+    table = classification.load_classnames(spec["classnames"]) if "classnames" in spec else None
     if source["type"] == "torchvision":
         classification.download_torchvision_dataset(source["name"], raw_dir)
         frame = classification.build_manifest(source["name"], raw_dir, expected_count=None)
@@ -60,11 +62,16 @@ def read_benchmark(spec: dict, *, raw_dir: Path, world_dir: Path | None = None) 
         )
         expected, where = source["expected_count"], f"{source['val_dir']} with {annotations}"
     elif source["type"] == "image_folder":
-        frame = folder.read_image_folder(Path(source["root"]), split=source["split"])
+        frame = folder.read_image_folder(
+            Path(source["root"]), split=source["split"], classnames=table
+        )
     elif source["type"] == "csv":
         root = source.get("image_root")
         frame = folder.read_csv_source(
-            Path(source["csv"]), Path(root) if root else None, split=source["split"]
+            Path(source["csv"]),
+            Path(root) if root else None,
+            split=source["split"],
+            classnames=table,
         )
     elif source["type"] == "synthetic":
         # A synthetic world is an image-folder tree: read it through the generic source.

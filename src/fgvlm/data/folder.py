@@ -110,9 +110,18 @@ def _match_folders(
     matched = {}
     for folder in folders:
         if folder not in index:
-            raise ValueError(f"{root / folder}: folder names no class of the given class names")
+            raise ValueError(
+                f"{root / folder}: class {folder!r} is not in the benchmark's class names "
+                f"({len(classnames)} classes: {_preview(classnames)})"
+            )
         matched[folder] = (index[folder], classnames[index[folder]])
     return matched
+
+
+def _preview(names: Sequence[str], n: int = 3) -> str:
+    """The first ``n`` names, for error messages."""
+    shown = ", ".join(repr(name) for name in names[:n])
+    return f"{shown}, ..." if len(names) > n else shown
 
 
 def read_csv_source(
@@ -226,7 +235,9 @@ def _string_labels(
     def resolve(line: int, record: dict[str, str]) -> tuple[int, str]:
         name = record["label"].strip()
         if name not in index:
-            raise ValueError(f"{csv_path}:{line}: label {name!r} is not a known class name")
+            raise ValueError(
+                f"{csv_path}:{line}: class {name!r} is not in the benchmark's class names"
+            )
         return index[name], (record.get("classname") or "").strip() or name
 
     return resolve
