@@ -216,6 +216,14 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_provenance(args: argparse.Namespace, cfg: dict) -> None:
+    from fgvlm.provenance import write_provenance
+
+    out = args.out or f"{paths.TABLES}/provenance.csv"
+    rows = write_provenance(cfg, out, args.root)
+    print(f"{out}: {rows} sources")
+
+
 def _lookup(cfg: dict, table: str, name: str) -> dict:
     entries = cfg[table]
     if name not in entries:
@@ -310,6 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a trained row name or hub-<name>")
     p.add_argument("--benchmark", required=True)
     p.add_argument("--model-dir")
+
+    p = add(
+        "provenance",
+        cmd_provenance,
+        "Every model's commit and every VQA TSV's md5, as fetched (results/tables/provenance.csv).",
+    )
+    p.add_argument("--root", default=".", help="the folder the workflow runs in")
+    p.add_argument("--out")
 
     p = add(
         "aggregate",
