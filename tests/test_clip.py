@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from importlib import resources
 from pathlib import Path
@@ -188,6 +189,10 @@ def test_fetch_pretrained_copies_safetensors_and_tag_preprocessing(tmp_path, mon
     assert entry["model_cfg"] is None
     assert entry["preprocess"]["mean"] == [0.5, 0.5, 0.5]  # this tag uses Inception stats
     assert entry["quick_gelu"] is False
+    # provenance: the file's sha256 (the fake hub keeps no snapshots/<commit> folder)
+    assert entry["hub"]["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert entry["hub"]["repo"] == "laion/CLIP-ViT-L-14-laion2B-s32B-b82K"
+    assert entry["hub"]["sha"] is None
 
 
 @pytest.mark.parametrize(

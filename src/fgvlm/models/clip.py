@@ -15,6 +15,7 @@ reads both through the same open_clip call.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import os
@@ -184,6 +185,14 @@ def _download_weights(repo_id: str, candidates: list[str], revision: str | None)
     raise FileNotFoundError(f"none of {candidates} found in hub repo {repo_id!r} ({revision=})")
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def fetch_pretrained_clip(arch: str, tag: str, out_dir: Path, revision: str | None = None) -> None:
     """Download open_clip weights ``arch``/``tag`` from the Hugging Face hub into a weights dir.
 
@@ -203,6 +212,7 @@ def fetch_pretrained_clip(arch: str, tag: str, out_dir: Path, revision: str | No
         "sha": commit
         if len(commit) == 40 and all(c in "0123456789abcdef" for c in commit)
         else None,
+        "sha256": _sha256(source),
     }
     entry = {
         "arch": arch,
