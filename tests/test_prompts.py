@@ -245,6 +245,7 @@ def test_each_released_vlm_is_prompted_as_vlmevalkit_prompts_it(protocol, paper,
     assert image.get("max_crops") == (36 if "max_crops: 36" in entry["preprocessing"] else None)
     if "max_num per dataset" in entry["preprocessing"]:  # InternVL2: 6 tiles, 12 on MMMU
         assert (image["tiles"], mmmu["image"]["tiles"]) == (6, 12)
+        assert ("upscale" not in image, mmmu["image"]["upscale"]) == (True, 2)
     else:
         assert "tiles" not in image
     generation = entry["generation"]

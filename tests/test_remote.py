@@ -770,9 +770,16 @@ def test_image_settings_of_the_eval_spec_reach_the_adapters(fake_dirs, monkeypat
     from fgvlm.config import load_config, vlm_eval_spec
 
     paper = load_config(Path(__file__).resolve().parents[1] / "config" / "config.yaml")
-    for benchmark, tiles in (("flowers", 6), ("mmmu", 12)):
+    (item,) = [i for i in _items() if i.image is not None][:1]
+    for benchmark, tiles, upscale in (("flowers", 6, 1), ("mmmu", 12, 2)):
         spec = vlm_eval_spec(paper, "hub-internvl2_8b", benchmark)["model"]
-        assert load_runner(spec, fake_dirs["internvl2"]).max_tiles == tiles
+        internvl = load_runner(spec, fake_dirs["internvl2"])
+        assert (internvl.max_tiles, internvl.upscale) == (tiles, upscale)
+        image = item.image.resize(
+            (item.image.width * upscale, item.image.height * upscale), Image.Resampling.BILINEAR
+        )
+        expected = remote_runners.internvl_pixels(image, internvl.tile, tiles)
+        torch.testing.assert_close(internvl._pixels(item), expected)
     spec = vlm_eval_spec(paper, "hub-molmo_7b_d", "mmstar")["model"]
     molmo = load_runner(spec, fake_dirs["molmo"])
     calls = []
@@ -783,7 +790,6 @@ def test_image_settings_of_the_eval_spec_reach_the_adapters(fake_dirs, monkeypat
         return original(text=text, images=images, **kwargs)
 
     monkeypatch.setattr(molmo.processor, "process", spy)
-    (item,) = [i for i in _items() if i.image is not None][:1]
     molmo.prompt_inputs(item)
     assert calls == [{"images_kwargs": {"max_crops": 36}}]
     image = {"tiles": 3, "max_crops": 5}

@@ -526,7 +526,8 @@ def vlm_benchmark_spec(config: dict, benchmark: str) -> dict:
 def vlm_eval_spec(config: dict, model: str, benchmark: str) -> dict:
     """What one (VLM, benchmark) evaluation depends on, resolved for the benchmark: the prompt
     style (the model's ``prompt`` entry for the benchmark, ``fine_grained`` for a ``benchmarks``
-    entry, else its family's default) and per-benchmark image settings (InternVL2's tiles)."""
+    entry, else its family's default) and per-benchmark image settings (``<key>_by_benchmark``
+    sets ``<key>``: InternVL2's tiles and upscaling on MMMU)."""
     from fgvlm.evaluate.prompts import STYLES, style_for
 
     spec = dict(vlm_models(config)[model])
@@ -537,10 +538,10 @@ def vlm_eval_spec(config: dict, model: str, benchmark: str) -> dict:
         raise ConfigError(f"{model}: prompt style {style!r} for {benchmark} is not one of {STYLES}")
     spec["style"] = style
     if "image" in spec:
-        image = dict(spec["image"])
-        by_benchmark = image.pop("tiles_by_benchmark", {})
-        if benchmark in by_benchmark:
-            image["tiles"] = by_benchmark[benchmark]
+        image = {k: v for k, v in spec["image"].items() if not k.endswith("_by_benchmark")}
+        for key, by_benchmark in spec["image"].items():
+            if key.endswith("_by_benchmark") and benchmark in by_benchmark:
+                image[key.removesuffix("_by_benchmark")] = by_benchmark[benchmark]
         spec["image"] = image
     return {"model": spec, "benchmark": vlm_benchmark_spec(config, benchmark)}
 

@@ -207,7 +207,7 @@ class InternVL2VLM(RemoteVLM):
     """InternVL2 (``InternVLChatModel``): batched greedy generation with left padding."""
 
     family = "internvl2"
-    image_settings = ("tiles",)
+    image_settings = ("tiles", "upscale")
 
     def __init__(
         self,
@@ -216,10 +216,12 @@ class InternVL2VLM(RemoteVLM):
         *,
         name: str,
         tiles: int = INTERNVL_MAX_TILES,
+        upscale: int = 1,
     ) -> None:
         super().__init__(model, tokenizer, name=name)
         self.tokenizer.padding_side = "left"
         self.max_tiles = tiles
+        self.upscale = upscale  # VLMEvalKit enlarges MMMU images 2x (bilinear) before tiling
         config = model.config
         self.tile = int(
             _config_value(config, "force_image_size")
@@ -247,7 +249,11 @@ class InternVL2VLM(RemoteVLM):
     def _pixels(self, item: MCQItem) -> torch.Tensor | None:
         if item.image is None:
             return None
-        return internvl_pixels(item.image, self.tile, self.max_tiles)
+        image = rgb(item.image)
+        if self.upscale != 1:
+            size = (image.width * self.upscale, image.height * self.upscale)
+            image = image.resize(size, Image.Resampling.BILINEAR)
+        return internvl_pixels(image, self.tile, self.max_tiles)
 
     def _batch(self, items: list[MCQItem]) -> dict[str, Any]:
         pixels = [self._pixels(item) for item in items]
