@@ -221,13 +221,16 @@ def test_each_released_vlm_is_prompted_as_vlmevalkit_prompts_it(protocol, paper,
     """For one fine-grained and one MMMU question: the user text our runner gets, the system
     turn, processor/image settings and max_new_tokens, against the fixture's."""
     from fgvlm.config import vlm_eval_spec
+    from fgvlm.evaluate.scoring import question_items
 
     entry = protocol["models"][name]
     for kind, benchmark in (("fine_grained", "flowers"), ("mmmu", "mmmu")):
         example = protocol["examples"][kind]
         model = vlm_eval_spec(paper, f"hub-{name}", benchmark)["model"]
-        got = mcq_prompt(example["question"], example["options"], style=model["style"])
-        assert got == expected_text(protocol, entry, kind), (name, kind)
+        record = {"qid": "q", "question": example["question"], "options": example["options"]}
+        # the items evaluation scores (fgvlm.evaluate.run: question_items with the spec's style)
+        (item,) = question_items([(record, None)], style=model["style"])
+        assert item.prompt == expected_text(protocol, entry, kind), (name, kind)
     fine = vlm_eval_spec(paper, f"hub-{name}", "flowers")["model"]
     mmmu = vlm_eval_spec(paper, f"hub-{name}", "mmmu")["model"]
     system = entry["system_prompt"]
