@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from importlib import resources
 from pathlib import Path
@@ -188,6 +189,10 @@ def test_fetch_pretrained_copies_safetensors_and_tag_preprocessing(tmp_path, mon
     assert entry["model_cfg"] is None
     assert entry["preprocess"]["mean"] == [0.5, 0.5, 0.5]  # this tag uses Inception stats
     assert entry["quick_gelu"] is False
+    # provenance: the file's sha256 (the fake hub keeps no snapshots/<commit> folder)
+    assert entry["hub"]["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert entry["hub"]["repo"] == "laion/CLIP-ViT-L-14-laion2B-s32B-b82K"
+    assert entry["hub"]["sha"] is None
 
 
 @pytest.mark.parametrize(
@@ -366,14 +371,13 @@ def test_evaluate_clip_on_tiny_model_restricting_to_options_never_hurts(tiny):
 
 
 def test_contrastive_pretraining_learns_and_reloads(tmp_path):
-    from fgvlm.data.synthetic import generate_world
-    from fgvlm.stages import world_pairs
+    from fgvlm.data.synthetic import caption_pairs, generate_world
 
     world = tmp_path / "world"
     generate_world(world, family="shapes", seed=0, train_per_class=2, test_per_class=1)
     config = resources.files("fgvlm.resources").joinpath("clip_configs/tiny-vit.json")
     materialize_random_clip(Path(str(config)), tmp_path / "init", seed=0)
-    pairs = world_pairs([world])
+    pairs = caption_pairs([world])
     assert len(pairs) == 2 * 24 * 2  # class prompt + long caption per train image
     summary = contrastive_pretrain(
         tmp_path / "init", tmp_path / "trained", pairs, steps=25, seed=0, batch_size=32, lr=2e-3

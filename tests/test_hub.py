@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +233,36 @@ def test_answer_prefix_starts_the_assistant_turn(tiny_dirs):
     )
 
 
+def test_system_prompt_and_pad_to_square_reach_the_processor(tiny_dirs, monkeypatch):
+    """The config's system turn is rendered before the question; pad_to_square hands the
+    processor a square image in its mean colour (LLaVA-1.5's expand2square), the original
+    centred in it."""
+    vlm = load_hub_vlm(tiny_dirs["llava"], system_prompt="be brief", pad_to_square=True)
+    (item,) = [i for i in make_items(3) if i.image is not None and i.image.size != (32, 32)]
+    assert vlm.chat_prompt(item).startswith("<|im_start|>system\nbe brief<|im_end|>\n")
+    assert vlm.chat_prompt(item).index("be brief") < vlm.chat_prompt(item).index("<image>")
+    seen = []
+    original = type(vlm.processor).__call__
+
+    def spy(self, *args, images=None, **kwargs):
+        seen.extend(images or [])
+        return original(self, *args, images=images, **kwargs)
+
+    monkeypatch.setattr(type(vlm.processor), "__call__", spy)
+    vlm.encode([item])
+    (image,) = seen
+    width, height = item.image.size
+    side = max(width, height)
+    assert image.size == (side, side)
+    fill = tuple(int(m * 255) for m in vlm.processor.image_processor.image_mean)
+    pixels = np.asarray(image)
+    assert (pixels[0, 0] == fill).all() and (pixels[-1, -1] == fill).all()
+    top, left = (side - height) // 2, (side - width) // 2
+    assert (pixels[top : top + height, left : left + width] == np.asarray(item.image)).all()
+    plain = load_hub_vlm(tiny_dirs["llava"])
+    assert "system" not in plain.chat_prompt(item)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_killed_evaluation_resumes_with_identical_predictions(arch, tiny_vlms, tmp_path):
     items = make_items(7)
@@ -297,20 +330,25 @@ def fake_snapshot_download(files: dict[str, bytes], record: list):
 
     def download(*, repo_id, revision, local_dir, allow_patterns, ignore_patterns):
         record.append({"repo_id": repo_id, "revision": revision})
+        # huggingface_hub's per-file metadata: first line the commit the branch pointed at
+        meta = Path(local_dir) / ".cache" / "huggingface" / "download" / "config.json.metadata"
+        meta.parent.mkdir(parents=True, exist_ok=True)
+        commit = revision if hub.is_commit(revision) else COMMITS.get(repo_id)
+        if commit:
+            meta.write_text(f"{commit}\netag\n0\n")
         for name, data in files.items():
             allowed = any(fnmatch.fnmatch(name, p) for p in allow_patterns)
             if allowed and not any(fnmatch.fnmatch(name, p) for p in ignore_patterns):
                 path = Path(local_dir) / name
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data)
-        cache = Path(local_dir) / ".cache" / "huggingface"
-        cache.mkdir(parents=True)
-        (cache / "download.lock").write_text("")
+        (Path(local_dir) / ".cache" / "huggingface" / "download.lock").write_text("")
         return str(local_dir)
 
     return download
 
 
+COMMITS = {"org/vlm": "a" * 40, "org/vicuna": "b" * 40}
 REPO_FILES = {
     "config.json": b"{}",
     "model-00001-of-00002.safetensors": b"w1",
@@ -342,7 +380,14 @@ def test_fetch_hub_vlm_takes_safetensors_and_code_only_on_opt_in(tmp_path, monke
     assert names == sorted(expected + (["modeling_custom.py"] if trust else []))
     assert record == [{"repo_id": "org/vlm", "revision": "abc123"}]
     source = json.loads((out / "fgvlm_source.json").read_text())
-    assert source == {"repo": "org/vlm", "revision": "abc123", "trust_remote_code": trust}
+    files = source.pop("files")
+    assert source == {
+        "repo": "org/vlm",
+        "revision": "abc123",
+        "sha": COMMITS["org/vlm"],
+        "trust_remote_code": trust,
+    }
+    assert files["config.json"] == hashlib.sha256(b"{}").hexdigest()
 
 
 def test_fetch_hub_vlm_puts_a_separate_tokenizer_repo_in_tokenizer(tmp_path, monkeypatch):
@@ -372,7 +417,31 @@ def test_fetch_hub_vlm_puts_a_separate_tokenizer_repo_in_tokenizer(tmp_path, mon
     ]
     assert record[1] == {"repo_id": "org/vicuna", "revision": "v1.5"}
     source = json.loads((out / "fgvlm_source.json").read_text())
-    assert source["tokenizer"] == tokenizer
+    assert source["tokenizer"] == {**tokenizer, "sha": COMMITS["org/vicuna"]}
+
+
+def test_a_second_fetch_asks_for_the_commit_the_first_resolved(tmp_path, monkeypatch):
+    """A branch is resolved once: the lock beside the folder makes later fetches (e.g. after
+    the folder was deleted) ask for the recorded commit, not the branch."""
+    record = []
+    monkeypatch.setattr(hub, "snapshot_download", fake_snapshot_download(REPO_FILES, record))
+    out = tmp_path / "model"
+    tokenizer = {"repo": "org/vicuna", "revision": "main"}
+    fetch_hub_vlm("org/vlm", "main", out, trust_remote_code=True, tokenizer=tokenizer)
+    lock = json.loads((tmp_path / "model.lock.json").read_text())
+    assert lock == {"org/vlm@main": COMMITS["org/vlm"], "org/vicuna@main": COMMITS["org/vicuna"]}
+    shutil.rmtree(out)
+    moved = {"org/vlm": "c" * 40}  # the branch moved on the hub meanwhile
+    monkeypatch.setattr(sys.modules[__name__], "COMMITS", moved)
+    fetch_hub_vlm("org/vlm", "main", out, trust_remote_code=True, tokenizer=tokenizer)
+    assert [r["revision"] for r in record] == ["main", "main", "a" * 40, "b" * 40]
+    assert json.loads((out / "fgvlm_source.json").read_text())["sha"] == "a" * 40
+    # a sha in the config is used as is; another branch name is resolved afresh
+    record.clear()
+    fetch_hub_vlm("org/vlm", "d" * 40, tmp_path / "pinned")
+    fetch_hub_vlm("org/vlm", "v2", tmp_path / "model2")
+    assert [r["revision"] for r in record] == ["d" * 40, "v2"]
+    assert json.loads((tmp_path / "model2.lock.json").read_text()) == {"org/vlm@v2": "c" * 40}
 
 
 def test_fetch_hub_vlm_refuses_pickle_only_repos(tmp_path, monkeypatch):

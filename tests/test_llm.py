@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import fgvlm.models.llm as llm_module
+import fgvlm.models.hub as hub_module
 from fgvlm.models.llm import fetch_llm
 from fgvlm.models.templates import (
     IGNORE_INDEX,
@@ -137,7 +137,7 @@ def test_materialize_leaves_the_global_rng_alone(tmp_path):
 
 
 def _fake_snapshot(files: dict[str, bytes], calls: list):
-    def fake(repo_id, revision, local_dir, allow_patterns):
+    def fake(*, repo_id, revision, local_dir, allow_patterns):
         calls.append({"repo_id": repo_id, "revision": revision, "allow_patterns": allow_patterns})
         for name, data in files.items():
             path = local_dir / name
@@ -158,9 +158,10 @@ def test_fetch_llm_keeps_safetensors_and_tokenizer(tmp_path, monkeypatch):
         "tokenizer.json": b"{}",
     }
     calls: list = []
-    monkeypatch.setattr(llm_module, "snapshot_download", _fake_snapshot(files, calls))
+    monkeypatch.setattr(hub_module, "snapshot_download", _fake_snapshot(files, calls))
     fetch_llm("lmsys/vicuna-7b-v1.5", "abc123", tmp_path / "vicuna")
-    assert sorted(p.name for p in (tmp_path / "vicuna").iterdir()) == sorted(files)
+    names = sorted(p.name for p in (tmp_path / "vicuna").iterdir())
+    assert names == sorted([*files, "fgvlm_source.json"])
     assert calls[0]["repo_id"] == "lmsys/vicuna-7b-v1.5" and calls[0]["revision"] == "abc123"
     patterns = calls[0]["allow_patterns"]
     assert "*.safetensors" in patterns and not any(p.endswith((".bin", ".pt")) for p in patterns)
@@ -168,7 +169,7 @@ def test_fetch_llm_keeps_safetensors_and_tokenizer(tmp_path, monkeypatch):
 
 def test_fetch_llm_refuses_repos_without_safetensors(tmp_path, monkeypatch):
     files = {"config.json": b"{}", "tokenizer.json": b"{}"}
-    monkeypatch.setattr(llm_module, "snapshot_download", _fake_snapshot(files, []))
+    monkeypatch.setattr(hub_module, "snapshot_download", _fake_snapshot(files, []))
     with pytest.raises(FileNotFoundError, match="org/pickled.*safetensors"):
         fetch_llm("org/pickled", "main", tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written

@@ -762,3 +762,38 @@ def test_load_runner_dispatches_remote_families(fake_dirs):
     runner = load_runner(spec, fake_dirs["cogvlm"])
     assert isinstance(runner, remote_runners.CogVLMVLM)
     assert runner.name == "hub-cogvlm_chat"
+
+
+def test_image_settings_of_the_eval_spec_reach_the_adapters(fake_dirs, monkeypatch):
+    """InternVL2's tiles (12 on MMMU) and Molmo's max_crops come from the config's ``image``
+    settings, through ``vlm_eval_spec`` and ``load_runner``; other adapters ignore them."""
+    from fgvlm.config import load_config, vlm_eval_spec
+
+    paper = load_config(Path(__file__).resolve().parents[1] / "config" / "config.yaml")
+    (item,) = [i for i in _items() if i.image is not None][:1]
+    for benchmark, tiles, upscale in (("flowers", 6, 1), ("mmmu", 12, 2)):
+        spec = vlm_eval_spec(paper, "hub-internvl2_8b", benchmark)["model"]
+        internvl = load_runner(spec, fake_dirs["internvl2"])
+        assert (internvl.max_tiles, internvl.upscale) == (tiles, upscale)
+        image = item.image.resize(
+            (item.image.width * upscale, item.image.height * upscale), Image.Resampling.BILINEAR
+        )
+        expected = remote_runners.internvl_pixels(image, internvl.tile, tiles)
+        torch.testing.assert_close(internvl._pixels(item), expected)
+    spec = vlm_eval_spec(paper, "hub-molmo_7b_d", "mmstar")["model"]
+    molmo = load_runner(spec, fake_dirs["molmo"])
+    calls = []
+    original = molmo.processor.process
+
+    def spy(text=None, images=None, **kwargs):
+        calls.append(kwargs)
+        return original(text=text, images=images, **kwargs)
+
+    monkeypatch.setattr(molmo.processor, "process", spy)
+    molmo.prompt_inputs(item)
+    assert calls == [{"images_kwargs": {"max_crops": 36}}]
+    image = {"tiles": 3, "max_crops": 5}
+    phi = load_remote_vlm(
+        fake_dirs["phi3_vision"], "phi3_vision", trust_remote_code=True, image=image
+    )
+    assert isinstance(phi, remote_runners.Phi3VisionVLM)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from fgvlm.models.clip import load_clip
+from fgvlm.models.clip import PadToSquare, load_clip, pad_colour, read_clip_config
 from fgvlm.models.templates import (
     IGNORE_INDEX,
     IMAGE_TOKEN_ID,
@@ -102,9 +102,67 @@ def test_tower_gives_penultimate_patch_tokens_without_cls(dirs):
         last = visual.transformer.resblocks[1](penultimate)
     torch.testing.assert_close(features, penultimate[:, 1:])
     assert not torch.allclose(features, last[:, 1:])
-    # the model's own preprocessing
+    # a square image: padding changes nothing, so the tower's transform is CLIP's own
     image = images(1, seed=3, size=57)[0]
     assert torch.equal(tower.preprocess(image), clip.preprocess(image))
+
+
+def edge_object_image() -> Image.Image:
+    """A 96x32 grey image with a pure red block at its left edge."""
+    pixels = np.full((32, 96, 3), 128, dtype=np.uint8)
+    pixels[:, :16] = (255, 0, 0)
+    return Image.fromarray(pixels)
+
+
+def unnormalised(pixels: torch.Tensor, clip_dir: Path) -> torch.Tensor:
+    entry = read_clip_config(clip_dir)["preprocess"]
+    mean = torch.tensor(entry["mean"]).view(3, 1, 1)
+    std = torch.tensor(entry["std"]).view(3, 1, 1)
+    return pixels * std + mean
+
+
+def test_pad_keeps_an_object_at_the_edge_that_a_crop_loses(dirs):
+    image = edge_object_image()
+    pad = unnormalised(VisionTower(dirs["clip"], aspect="pad").preprocess(image), dirs["clip"])
+    crop = unnormalised(VisionTower(dirs["clip"], aspect="crop").preprocess(image), dirs["clip"])
+    squash = VisionTower(dirs["clip"], aspect="squash").preprocess(image)
+    assert pad.shape == crop.shape == squash.shape == (3, 32, 32)
+    red = (pad[0] > 0.9) & (pad[1] < 0.1)
+    assert red[12:20, :3].all()  # the block survives at the left edge, mid-height
+    assert not ((crop[0] > 0.9) & (crop[1] < 0.1)).any()  # the crop keeps the centre only
+    with pytest.raises(ValueError, match="image aspect"):
+        VisionTower(dirs["clip"], aspect="letterbox")
+
+
+def test_padded_border_is_the_normalisation_mean_times_255(dirs):
+    mean = read_clip_config(dirs["clip"])["preprocess"]["mean"]
+    fill = pad_colour(mean)
+    assert fill == tuple(int(m * 255) for m in mean)  # LLaVA's expand2square colour
+    padded = PadToSquare(fill)(edge_object_image())
+    assert padded.size == (96, 96)
+    rows = np.asarray(padded)
+    assert (rows[:32] == fill).all() and (rows[64:] == fill).all()  # above and below
+    assert (rows[32:64, :16] == (255, 0, 0)).all()  # the image centred vertically
+    tensor = unnormalised(VisionTower(dirs["clip"]).preprocess(edge_object_image()), dirs["clip"])
+    expected = torch.tensor(fill, dtype=torch.float32).view(3) / 255
+    torch.testing.assert_close(tensor[:, 0, 16], expected, atol=2e-6, rtol=0)
+    torch.testing.assert_close(tensor[:, -1, 16], expected, atol=2e-6, rtol=0)
+
+
+def test_training_and_evaluation_share_one_transform_saved_with_the_model(dirs, tmp_path):
+    from fgvlm.evaluate.runners import LlavaRunner
+
+    model = build_vlm(dirs["clip"], dirs["llama"], template="vicuna_v1", image_aspect="squash")
+    assert Collator(model).preprocess is model.vision.preprocess
+    pickle.loads(pickle.dumps(model.vision.preprocess))  # travels to loader workers
+    save_vlm(model, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "fgvlm_vlm.json").read_text())["image_aspect"] == "squash"
+    loaded = load_vlm(tmp_path / "m")
+    assert loaded.vision.aspect == "squash"
+    image = edge_object_image()
+    runner = LlavaRunner(loaded, "m")
+    train_pixels = Collator(model)([(caption(0, NAMES[0]), image)])["pixel_values"]
+    torch.testing.assert_close(runner.vlm.pixel_batch([image]), train_pixels)
 
 
 def test_tower_stays_frozen(vlm):

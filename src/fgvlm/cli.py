@@ -314,6 +314,14 @@ def cmd_figures(args: argparse.Namespace, cfg: dict) -> None:
     print(f"{len(written)} files in {args.out or paths.FIGURES}")
 
 
+def cmd_provenance(args: argparse.Namespace, cfg: dict) -> None:
+    from fgvlm.provenance import write_provenance
+
+    out = args.out or f"{paths.TABLES}/provenance.csv"
+    rows = write_provenance(cfg, out, args.root)
+    print(f"{out}: {rows} sources")
+
+
 def _lookup(cfg: dict, table: str, name: str) -> dict:
     entries = cfg[table]
     if name not in entries:
@@ -438,6 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out")
 
     p = add("data-plan", cmd_data_plan, "Disk, download and sample counts of the training data.")
+
+    p = add(
+        "provenance",
+        cmd_provenance,
+        "Every model's commit and every VQA TSV's md5, as fetched (results/tables/provenance.csv).",
+    )
+    p.add_argument("--root", default=".", help="the folder the workflow runs in")
+    p.add_argument("--out")
 
     p = add(
         "aggregate",

@@ -217,6 +217,11 @@ def _check_references(config: dict) -> None:
                     f"hub_vlms.{name}.family: {vlm['family']!r} is not one of "
                     f"{sorted(STYLE_BY_FAMILY)}"
                 )
+        for benchmark, style in (vlm.get("prompt") or {}).items():
+            from fgvlm.evaluate.prompts import STYLES
+
+            if style not in STYLES:
+                raise ConfigError(f"hub_vlms.{name}.prompt.{benchmark}: {style!r} not in {STYLES}")
     clash = set(config["benchmarks"]) & set(config["vqa_benchmarks"])
     if clash:
         raise ConfigError(f"vqa_benchmarks: names also used by benchmarks: {sorted(clash)}")
@@ -407,6 +412,7 @@ def miner_spec(config: dict) -> dict:
         "templates": list(miner["templates"]),
         "negatives": miner["negatives"],
         "seed": miner["seed"],
+        "precision": miner["precision"],
     }
 
 
@@ -451,6 +457,7 @@ def pretrain_spec(config: dict, row: dict) -> dict | None:
     recipe = {**config["recipes"][name], **(row.get("recipes") or {}).get("pretrain", {})}
     return {
         "encoder": row["vision_encoder"],
+        "image_aspect": config["encoders"][row["vision_encoder"]]["image_aspect"],
         "llm": row["llm"],
         "data": row["pt_data"],
         "recipe": recipe,
@@ -517,6 +524,7 @@ def finetune_spec(config: dict, row: dict) -> dict:
         spec["base_source"] = config["base_vlms"][row["base"]]["source"]
     else:
         spec["encoder"] = row["vision_encoder"]
+        spec["image_aspect"] = config["encoders"][row["vision_encoder"]]["image_aspect"]
         spec["llm"] = row["llm"]
         spec["template"] = config["llms"][row["llm"]]["template"]
     return spec
@@ -566,26 +574,33 @@ def vlm_models(config: dict) -> dict[str, dict]:
     option_prompt = evaluation["option_prompt"]
     models = {}
     for row in trained_rows(config):
-        family = "qwen2_vl" if row["arch"] == "qwen2_vl" else evaluation["trained_family"]
+        # every trained row, the Qwen2-VL one too, is asked in LLaVA's evaluation wording
         kind = "hub" if row["arch"] == "qwen2_vl" else "trained"
         models[row["name"]] = {
             "kind": kind,
             "name": row["name"],
-            "family": family,
+            "family": evaluation["trained_family"],
             "mode": mode,
             "max_new_tokens": max_new,
             "option_prompt": option_prompt,
         }
     for key, vlm in config["hub_vlms"].items():
+        image = dict(vlm.get("image") or {})
+        # Qwen2-VL's pixel range is a processor argument, as VLMEvalKit passes it
+        pixels = {k: image.pop(k) for k in ("min_pixels", "max_pixels") if k in image}
+        processor_kwargs = {**(vlm.get("processor_kwargs") or {}), **pixels}
         models[f"hub-{key}"] = {
             "kind": "hub",
             "name": f"hub-{key}",
             "family": hub_family(vlm),
             "mode": vlm.get("mode", mode),
-            "max_new_tokens": max_new,
+            "max_new_tokens": (vlm.get("generation") or {}).get("max_new_tokens", max_new),
             "option_prompt": option_prompt,
             "trust_remote_code": vlm["trust_remote_code"],
-            **({"processor_kwargs": vlm["processor_kwargs"]} if "processor_kwargs" in vlm else {}),
+            "system_prompt": vlm["system_prompt"],
+            "prompt": dict(vlm.get("prompt") or {}),
+            **({"image": image} if image else {}),
+            **({"processor_kwargs": processor_kwargs} if processor_kwargs else {}),
         }
     return models
 
@@ -609,11 +624,25 @@ def vlm_benchmark_spec(config: dict, benchmark: str) -> dict:
 
 
 def vlm_eval_spec(config: dict, model: str, benchmark: str) -> dict:
-    """What one (VLM, benchmark) evaluation depends on, style resolved for the benchmark."""
-    from fgvlm.evaluate.prompts import style_for
+    """What one (VLM, benchmark) evaluation depends on, resolved for the benchmark: the prompt
+    style (the model's ``prompt`` entry for the benchmark, ``fine_grained`` for a ``benchmarks``
+    entry, else its family's default) and per-benchmark image settings (``<key>_by_benchmark``
+    sets ``<key>``: InternVL2's tiles and upscaling on MMMU)."""
+    from fgvlm.evaluate.prompts import STYLES, style_for
 
     spec = dict(vlm_models(config)[model])
-    spec["style"] = style_for(spec["family"], benchmark)
+    styles = spec.pop("prompt", {})
+    kind = "fine_grained" if benchmark in config["benchmarks"] else None
+    style = styles.get(benchmark) or styles.get(kind) or style_for(spec["family"])
+    if style not in STYLES:
+        raise ConfigError(f"{model}: prompt style {style!r} for {benchmark} is not one of {STYLES}")
+    spec["style"] = style
+    if "image" in spec:
+        image = {k: v for k, v in spec["image"].items() if not k.endswith("_by_benchmark")}
+        for key, by_benchmark in spec["image"].items():
+            if key.endswith("_by_benchmark") and benchmark in by_benchmark:
+                image[key.removesuffix("_by_benchmark")] = by_benchmark[benchmark]
+        spec["image"] = image
     return {"model": spec, "benchmark": vlm_benchmark_spec(config, benchmark)}
 
 

@@ -196,12 +196,13 @@ def mine_questions(
     device: str = "cpu",
     workers: int = 0,
     candidates: dict[str, list[int]] | None = None,
+    precision: str = "fp32",
 ) -> pl.DataFrame:
     """Mine hard negatives with ``clip`` and build the benchmark's questions.
 
     In: a manifest (contract columns; row order gives the qids), the miner, class names and
     prompt templates; optionally ``candidates``: per image key, the only labels that may be its
-    negatives (CLIP ranks them). Out: the questions frame of ``build_questions``.
+    negatives (CLIP ranks them); ``precision`` of the embeddings (``encode_images``). Out: the questions frame of ``build_questions``.
     """
     if k >= len(classnames):
         raise ValueError(
@@ -214,8 +215,10 @@ def mine_questions(
     # open_clip (and torchvision) load here, not on import: building questions needs neither
     from fgvlm.models.clip import encode_class_prompts, encode_images
 
-    image_emb = encode_images(clip, images, batch_size, device, workers=workers)
-    class_emb = encode_class_prompts(clip, classnames, templates, device)
+    image_emb = encode_images(
+        clip, images, batch_size, device, workers=workers, precision=precision
+    )
+    class_emb = encode_class_prompts(clip, classnames, templates, device, precision=precision)
     similarity = image_emb @ class_emb.T
     allowed = None
     if candidates is not None:

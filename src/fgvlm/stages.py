@@ -100,6 +100,7 @@ def mine_questions(
         batch_size=batch_size,
         device=device,
         candidates=io.read_json(candidates),
+        precision=miner["precision"],
     )
     metadata = {
         "benchmark": benchmark,

@@ -18,6 +18,7 @@ from PIL import Image
 from transformers import PreTrainedModel
 
 from fgvlm.mcq import MCQItem
+from fgvlm.models.clip import PadToSquare, pad_colour
 from fgvlm.models.hub import load_hub_model
 
 
@@ -27,13 +28,27 @@ class HubVLM:
     ``model``: in eval mode, on its device; ``processor``: its tokenizer pads on the left.
     ``answer_prefix``: text that starts the assistant turn before the answer (VLMEvalKit's
     "Answer:" for Idefics2, ``fgvlm.evaluate.prompts.ASSISTANT_PREFIX``); empty for most models.
+    ``system_prompt``: a system turn before the question (None: the template's own default).
+    ``pad_to_square``: pad images to a square in the image processor's mean colour before the
+    processor sees them (LLaVA-1.5's ``expand2square``).
     """
 
     def __init__(
-        self, model: PreTrainedModel, processor: Any, *, name: str, answer_prefix: str = ""
+        self,
+        model: PreTrainedModel,
+        processor: Any,
+        *,
+        name: str,
+        answer_prefix: str = "",
+        system_prompt: str | None = None,
+        pad_to_square: bool = False,
     ) -> None:
         self.model = model.eval()
         self.answer_prefix = answer_prefix
+        self.system_prompt = system_prompt
+        self.pad = (
+            PadToSquare(pad_colour(processor.image_processor.image_mean)) if pad_to_square else None
+        )
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.tokenizer.padding_side = "left"  # generation continues every row at the same column
@@ -59,21 +74,27 @@ class HubVLM:
         followed by the assistant header (and ``answer_prefix``) the answer comes after."""
         content: list[dict[str, Any]] = [{"type": "image"}] if item.image is not None else []
         content.append({"type": "text", "text": item.prompt})
-        prompt = self.processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True
-        )
+        messages = [{"role": "user", "content": content}]
+        if self.system_prompt is not None:
+            system = [{"type": "text", "text": self.system_prompt}]
+            messages.insert(0, {"role": "system", "content": system})
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         if not self.answer_prefix:
             return prompt
         # "Assistant:" + "Answer:" -> "Assistant: Answer:"; "assistant\n" + "Answer:" as is
         joined = prompt[-1:].isspace() or self.answer_prefix[:1].isspace()
         return prompt + ("" if joined else " ") + self.answer_prefix
 
+    def image(self, image: Image.Image) -> Image.Image:
+        """The image as the processor receives it: RGB, padded to a square when asked."""
+        return self.pad(image) if self.pad is not None else rgb(image)
+
     def encode(self, items: list[MCQItem]) -> Any:
         """Processor inputs of ``items`` (left-padded), on the model's device and dtype."""
         if not items:
             raise ValueError("cannot encode an empty batch")
         texts = [self.chat_prompt(item) for item in items]
-        images = [rgb(item.image) for item in items if item.image is not None]
+        images = [self.image(item.image) for item in items if item.image is not None]
         bos = self.tokenizer.bos_token
         # templates that write the BOS themselves must not get a second one from the tokenizer
         add_special = not (bos and texts[0].startswith(bos))
@@ -229,12 +250,28 @@ def load_hub_vlm(
     dtype: str | torch.dtype | None = None,
     name: str | None = None,
     answer_prefix: str = "",
+    system_prompt: str | None = None,
+    pad_to_square: bool = False,
+    processor_kwargs: dict[str, Any] | None = None,
 ) -> HubVLM:
     """A ``HubVLM`` of a local model folder (``fgvlm.models.hub.load_hub_model``'s arguments).
 
-    ``name`` defaults to the folder name. ``answer_prefix``: see ``HubVLM``.
+    ``name`` defaults to the folder name. ``answer_prefix``, ``system_prompt``,
+    ``pad_to_square``: see ``HubVLM``; ``processor_kwargs`` (e.g. Qwen2-VL's ``min_pixels``)
+    go to the processor.
     """
     model, processor = load_hub_model(
-        local_dir, trust_remote_code=trust_remote_code, device=device, dtype=dtype
+        local_dir,
+        trust_remote_code=trust_remote_code,
+        device=device,
+        dtype=dtype,
+        processor_kwargs=processor_kwargs,
     )
-    return HubVLM(model, processor, name=name or Path(local_dir).name, answer_prefix=answer_prefix)
+    return HubVLM(
+        model,
+        processor,
+        name=name or Path(local_dir).name,
+        answer_prefix=answer_prefix,
+        system_prompt=system_prompt,
+        pad_to_square=pad_to_square,
+    )

@@ -11,6 +11,8 @@ every benchmark here is English.
 
 from __future__ import annotations
 
+import re
+
 from fgvlm.mcq import LETTERS, LLAVA_MCQ_INSTRUCTION
 
 VLMEVALKIT_MCQ_INSTRUCTION = "Please select the correct answer from the options above."
@@ -31,6 +33,17 @@ STYLE_SOURCES = {
     "idefics2": "IDEFICS2.build_prompt_puremcq",
     # vlmeval/vlm/idefics.py IDEFICS2.build_prompt_mmbench: the question before the hint
     "idefics2_mmbench": "IDEFICS2.build_prompt_mmbench",
+    # vlmeval/vlm/idefics.py IDEFICS2.build_prompt_default (datasets in none of its lists, e.g.
+    # a custom MCQ): the dataset wording stripped, no "Answer:" lead
+    "idefics2_default": "IDEFICS2.build_prompt_default",
+    # vlmeval/vlm/idefics.py IDEFICS2.build_prompt_mmmu: "Question:" dropped, "Choices:",
+    # " <image k> " where split_MMMU cut the text (its "<image k>:<image>" header is not built)
+    "idefics2_mmmu": "IDEFICS2.build_prompt_mmmu",
+    # vlmeval/dataset/image_mcq.py MMMUDataset.split_MMMU + vlmeval/vlm/base.py
+    # message_to_promptimg: the dataset wording cut at "<image k>", parts joined by "\n"
+    "vlmevalkit_default_mmmu": "MMMUDataset.build_prompt, text parts joined",
+    # vlmeval/vlm/molmo.py molmo.build_prompt, then split_MMMU, parts joined by "\n"
+    "molmo_mmmu": "molmo.build_prompt_multiple_choice + split_MMMU",
     # vlmeval/vlm/molmo.py molmo.build_prompt_multiple_choice: "a_okvqa_mc:" prefix, "A: x" lines
     "molmo": "molmo.build_prompt_multiple_choice",
     # vlmeval/vlm/cogvlm.py CogVlm.build_prompt + generate_inner's "\nShort Answer." for MCQ
@@ -39,10 +52,15 @@ STYLE_SOURCES = {
 STYLES = tuple(STYLE_SOURCES)
 
 # text that VLMEvalKit puts at the start of the assistant turn, before generation
-ASSISTANT_PREFIX = {"idefics2": "Answer:", "idefics2_mmbench": "Answer:"}
+ASSISTANT_PREFIX = {
+    "idefics2": "Answer:",
+    "idefics2_mmbench": "Answer:",
+    "idefics2_mmmu": "Answer:",
+}
 
-# hub model family -> style for the fine-grained questions (our own LLaVA-style checkpoints
-# are finetuned on LLaVA-Instruct data, so the paper evaluates them with LLaVA's wording)
+# hub model family -> its default style; the config's hub_vlms.<name>.prompt sets the style per
+# benchmark (our own checkpoints are finetuned on LLaVA-Instruct data, so the paper evaluates
+# them with LLaVA's wording)
 STYLE_BY_FAMILY = {
     "fgvlm": "llava",
     "llava": "llava",
@@ -56,11 +74,8 @@ STYLE_BY_FAMILY = {
     "molmo": "molmo",
     "cogvlm": "cogvlm",
 }
-# (family, benchmark) pairs where VLMEvalKit switches wording for one benchmark
-STYLE_OVERRIDES = {
-    ("idefics2", "mmbench"): "idefics2_mmbench",
-    ("idefics3", "mmbench"): "idefics2_mmbench",
-}
+# VLMEvalKit's split_MMMU cuts a question at "<image k>" (one digit) to place image k there
+IMAGE_REFERENCE = re.compile(r"<image \d>")
 # hub repo id fragment (lower case) -> family; first match wins, so specific names come first
 FAMILY_BY_REPO_FRAGMENT = (
     ("llava-interleave", "llava_interleave"),
@@ -97,11 +112,16 @@ def family_of_repo(repo: str) -> str:
     raise ValueError(f"no prompt family known for hub repo {repo!r}; set it in the config")
 
 
-def style_for(family: str, benchmark: str | None = None) -> str:
-    """The prompt style of a model ``family`` (a key of ``STYLE_BY_FAMILY``) on ``benchmark``."""
+def style_for(family: str) -> str:
+    """The default prompt style of a model ``family`` (a key of ``STYLE_BY_FAMILY``)."""
     if family not in STYLE_BY_FAMILY:
         raise ValueError(f"unknown model family {family!r}; known: {', '.join(STYLE_BY_FAMILY)}")
-    return STYLE_OVERRIDES.get((family, benchmark), STYLE_BY_FAMILY[family])
+    return STYLE_BY_FAMILY[family]
+
+
+def _joined_at_images(text: str) -> str:
+    """split_MMMU then message_to_promptimg: the text parts around "<image k>" joined by "\n"."""
+    return "\n".join(IMAGE_REFERENCE.split(text))
 
 
 def _dataset_prompt(question: str, options: list[str], hint: str | None) -> str:
@@ -134,14 +154,21 @@ def mcq_prompt(
     if style == "cogvlm":
         head = f"{hint}\n{question}" if hint else question
         return f"{head}\n{format_options(options)}\n{LLAVA_MCQ_INSTRUCTION}\nShort Answer."
-    if style == "molmo":
+    if style in ("molmo", "molmo_mmmu"):
         head = f"{hint}\n{question}" if hint else question
-        return f"a_okvqa_mc: {head}\n{format_options(options, separator=': ')}"
+        text = f"a_okvqa_mc: {head}\n{format_options(options, separator=': ')}"
+        return _joined_at_images(text) if style == "molmo_mmmu" else text
     if style not in STYLE_SOURCES:
         raise ValueError(f"unknown prompt style {style!r}; valid: {', '.join(STYLES)}")
     prompt = _dataset_prompt(question, options, hint)
     if style == "vlmevalkit_default":
         return prompt
+    if style == "vlmevalkit_default_mmmu":
+        return _joined_at_images(prompt)
+    if style == "idefics2_default":
+        return prompt.strip()
+    if style == "idefics2_mmmu":
+        return _idefics2_mmmu(prompt)
     if style == "qwen2_vl":
         return prompt.rstrip()
     # Idefics2: the dataset text, stripped, "Options:" -> "Choices:", its own instruction
@@ -154,3 +181,15 @@ def mcq_prompt(
     hint_part, rest = text.split("\nQuestion:", 1)
     question_part, choices = rest.split("\nChoices:", 1)
     return f"Question:{question_part}\n{hint_part}\nChoices:{choices}"
+
+
+def _idefics2_mmmu(prompt: str) -> str:
+    """IDEFICS2.build_prompt_mmmu's text: each part stripped, "Question:" dropped, "Choices:"
+    and its instruction, " <image k> " between the parts."""
+    parts = []
+    for part in IMAGE_REFERENCE.split(prompt):
+        part = part.strip().replace("Question:", "")
+        part = part.replace(VLMEVALKIT_MCQ_INSTRUCTION, "Answer with the letter.")
+        parts.append(part.replace("\nOptions:", "\nChoices:").strip())
+    references = [f" {ref} " for ref in IMAGE_REFERENCE.findall(prompt)] + [""]
+    return "".join(part + ref for part, ref in zip(parts, references, strict=True))

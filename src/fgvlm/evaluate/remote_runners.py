@@ -48,7 +48,7 @@ from fgvlm.models.remote import load_remote_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-INTERNVL_MAX_TILES = 6  # VLMEvalKit's InternVLChat.set_max_num for every benchmark used here
+INTERNVL_MAX_TILES = 6  # VLMEvalKit's InternVLChat.set_max_num default (12 for MMMU: config)
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 MOLMO_STOP = "<|endoftext|>"
 COGVLM_LANGUAGE_TYPE = 0  # token_type_ids value of text tokens (VISION_TOKEN_TYPE is 1)
@@ -64,6 +64,7 @@ class RemoteVLM:
 
     family = ""
     answer_lead = ""  # text the model writes before its answer (Molmo: a space)
+    image_settings: tuple[str, ...] = ()  # keys of the config's `image` this adapter takes
 
     def __init__(self, model: Any, tokenizer: Any, *, name: str) -> None:
         self.model = model.eval()
@@ -206,13 +207,21 @@ class InternVL2VLM(RemoteVLM):
     """InternVL2 (``InternVLChatModel``): batched greedy generation with left padding."""
 
     family = "internvl2"
+    image_settings = ("tiles", "upscale")
 
     def __init__(
-        self, model: Any, tokenizer: Any, *, name: str, max_tiles: int = INTERNVL_MAX_TILES
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        name: str,
+        tiles: int = INTERNVL_MAX_TILES,
+        upscale: int = 1,
     ) -> None:
         super().__init__(model, tokenizer, name=name)
         self.tokenizer.padding_side = "left"
-        self.max_tiles = max_tiles
+        self.max_tiles = tiles
+        self.upscale = upscale  # VLMEvalKit enlarges MMMU images 2x (bilinear) before tiling
         config = model.config
         self.tile = int(
             _config_value(config, "force_image_size")
@@ -240,7 +249,11 @@ class InternVL2VLM(RemoteVLM):
     def _pixels(self, item: MCQItem) -> torch.Tensor | None:
         if item.image is None:
             return None
-        return internvl_pixels(item.image, self.tile, self.max_tiles)
+        image = rgb(item.image)
+        if self.upscale != 1:
+            size = (image.width * self.upscale, image.height * self.upscale)
+            image = image.resize(size, Image.Resampling.BILINEAR)
+        return internvl_pixels(image, self.tile, self.max_tiles)
 
     def _batch(self, items: list[MCQItem]) -> dict[str, Any]:
         pixels = [self._pixels(item) for item in items]
@@ -353,14 +366,21 @@ class MolmoVLM(RemoteVLM):
 
     family = "molmo"
     answer_lead = " "  # the prompt ends with " Assistant:"; the answer starts with a space
+    image_settings = ("max_crops",)
 
-    def __init__(self, model: Any, processor: Any, *, name: str) -> None:
+    def __init__(
+        self, model: Any, processor: Any, *, name: str, max_crops: int | None = None
+    ) -> None:
         super().__init__(model, processor.tokenizer, name=name)
         self.processor = processor
+        # VLMEvalKit (from 2024-12-29) passes images_kwargs={"max_crops": 36}
+        self.images_kwargs = (
+            {} if max_crops is None else {"images_kwargs": {"max_crops": max_crops}}
+        )
 
     def prompt_inputs(self, item: MCQItem) -> dict[str, Any]:
         images = None if item.image is None else [rgb(item.image)]
-        encoded = self.processor.process(images=images, text=item.prompt)
+        encoded = self.processor.process(images=images, text=item.prompt, **self.images_kwargs)
         inputs = {key: value.to(self.device).unsqueeze(0) for key, value in encoded.items()}
         if "images" in inputs:
             inputs["images"] = inputs["images"].to(self.dtype)
@@ -452,11 +472,14 @@ def load_remote_vlm(
     dtype: str | torch.dtype | None = None,
     name: str | None = None,
     processor_kwargs: dict[str, Any] | None = None,
+    image: dict[str, Any] | None = None,
 ) -> RemoteVLM:
     """Load a model folder whose code ships with it into the adapter of its ``family``.
 
-    The arguments but ``name`` are ``fgvlm.models.remote.load_remote_model``'s; ``name`` is
-    the results name (default: the folder name). Out: an ``MCQModel``.
+    The arguments but ``name`` and ``image`` are ``fgvlm.models.remote.load_remote_model``'s;
+    ``name`` is the results name (default: the folder name); ``image``: the config's image
+    settings, of which the adapter takes its ``image_settings`` (InternVL2 ``tiles``, Molmo
+    ``max_crops``). Out: an ``MCQModel``.
     """
     model, tokenizer_or_processor = load_remote_model(
         local_dir,
@@ -467,4 +490,5 @@ def load_remote_vlm(
         processor_kwargs=processor_kwargs,
     )
     adapter = ADAPTERS[family]
-    return adapter(model, tokenizer_or_processor, name=name or Path(local_dir).name)
+    settings = {k: v for k, v in (image or {}).items() if k in adapter.image_settings}
+    return adapter(model, tokenizer_or_processor, name=name or Path(local_dir).name, **settings)

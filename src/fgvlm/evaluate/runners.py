@@ -86,6 +86,7 @@ def load_runner(spec: dict, model_dir: Path, *, device: str = "cpu"):
                 dtype="bfloat16" if device == "cuda" else None,
                 name=spec["name"],
                 processor_kwargs=spec.get("processor_kwargs"),
+                image=spec.get("image"),
             )
         from fgvlm.evaluate.hub_runner import load_hub_vlm
 
@@ -96,6 +97,9 @@ def load_runner(spec: dict, model_dir: Path, *, device: str = "cpu"):
             dtype="bfloat16" if device == "cuda" else None,
             name=spec["name"],
             answer_prefix=ASSISTANT_PREFIX.get(spec["style"], ""),
+            system_prompt=spec.get("system_prompt"),
+            pad_to_square=(spec.get("image") or {}).get("pad_to_square", False),
+            processor_kwargs=spec.get("processor_kwargs"),
         )
     raise ValueError(f"model kind {spec['kind']!r} is not supported (trained, hub)")
 

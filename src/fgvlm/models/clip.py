@@ -15,6 +15,7 @@ reads both through the same open_clip call.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import os
@@ -44,6 +45,11 @@ CONFIG_FILE = "clip.json"
 HUB_SAFETENSORS = "open_clip_model.safetensors"
 HUB_PICKLE = "open_clip_pytorch_model.bin"
 PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
+# how a VLM's tower fits a non-square image: LLaVA-1.5's pad (expand2square), a centre crop,
+# or a squash to the tower's size
+IMAGE_ASPECTS = ("pad", "crop", "squash")
+# embedding precision of encode_*: fp32 everywhere, or bf16 autocast on CUDA
+PRECISIONS = ("fp32", "bf16")
 _BUILTIN_CONFIGS = Path(open_clip.__file__).parent / "model_configs"
 
 
@@ -69,6 +75,55 @@ def preprocess_entry(cfg: dict[str, Any]) -> dict[str, Any]:
         "interpolation": str(cfg["interpolation"]),
         "resize_mode": str(cfg["resize_mode"]),
     }
+
+
+class PadToSquare:
+    """LLaVA-1.5's ``expand2square``: the RGB image centred on a ``max(w, h)`` square of colour
+    ``fill``; square images pass unchanged. A class, not a closure, so it pickles into
+    data-loader workers."""
+
+    def __init__(self, fill: tuple[int, int, int]) -> None:
+        self.fill = tuple(int(v) for v in fill)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        width, height = image.size
+        if width == height:
+            return image
+        side = max(width, height)
+        canvas = Image.new("RGB", (side, side), self.fill)
+        canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+        return canvas
+
+
+def pad_colour(mean: Iterable[float]) -> tuple[int, int, int]:
+    """The pad colour LLaVA derives from a normalisation mean: ``int(m * 255)`` per channel."""
+    return tuple(int(m * 255) for m in mean)  # type: ignore[return-value]
+
+
+def vlm_image_transform(
+    preprocess: dict[str, Any], image_size: tuple[int, int], aspect: str
+) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image -> [3, H, W] for a VLM's vision tower: training and evaluation both call it.
+
+    ``preprocess``: a ``clip.json`` preprocess entry (mean, std, interpolation); ``aspect``:
+    ``pad`` (pad to a square with ``pad_colour(mean)``, then resize: LLaVA-1.5's
+    ``image_aspect_ratio: pad``), ``crop`` (resize the short side, centre crop) or ``squash``
+    (resize both sides to ``image_size``).
+    """
+    if aspect not in IMAGE_ASPECTS:
+        raise ValueError(f"image aspect {aspect!r}: choose one of {IMAGE_ASPECTS}")
+    base = open_clip.transform.image_transform(
+        tuple(image_size),
+        is_train=False,
+        mean=tuple(preprocess["mean"]),
+        std=tuple(preprocess["std"]),
+        resize_mode="shortest" if aspect == "crop" else "squash",
+        interpolation=preprocess["interpolation"],
+    )
+    if aspect != "pad":
+        return base
+    return open_clip.transform.Compose([PadToSquare(pad_colour(preprocess["mean"])), base])
 
 
 def save_state_dict(state_dict: dict[str, torch.Tensor], path: Path) -> None:
@@ -130,21 +185,42 @@ def _download_weights(repo_id: str, candidates: list[str], revision: str | None)
     raise FileNotFoundError(f"none of {candidates} found in hub repo {repo_id!r} ({revision=})")
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def fetch_pretrained_clip(arch: str, tag: str, out_dir: Path, revision: str | None = None) -> None:
     """Download open_clip weights ``arch``/``tag`` from the Hugging Face hub into a weights dir.
 
     In: an open_clip architecture and pretrained tag (e.g. "ViT-L-14", "laion2b_s32b_b82k"),
     optionally a hub revision. Out: ``out_dir`` with ``open_clip_model.safetensors`` and a
-    ``clip.json`` carrying the tag's preprocessing and quick-GELU flag, written atomically.
+    ``clip.json`` carrying the tag's preprocessing and quick-GELU flag and its provenance
+    (``hub``: repo, file, the commit the hub cache stored it under), written atomically.
     """
     cfg, repo_id, filename = _hub_location(arch, tag)
     source = _download_weights(repo_id, _hub_candidates(filename), revision)
+    # hf_hub_download returns <cache>/snapshots/<commit>/<file>
+    commit = source.parent.name
+    hub = {
+        "repo": repo_id,
+        "file": source.name,
+        "revision": revision or "main",
+        "sha": commit
+        if len(commit) == 40 and all(c in "0123456789abcdef" for c in commit)
+        else None,
+        "sha256": _sha256(source),
+    }
     entry = {
         "arch": arch,
         "pretrained": tag,
         "model_cfg": None,
         "preprocess": preprocess_entry(cfg),
         "quick_gelu": bool(cfg.get("quick_gelu", False)),
+        "hub": hub,
     }
     with atomic_path(out_dir, is_dir=True) as tmp:
         if source.suffix == ".safetensors":
@@ -202,9 +278,11 @@ def load_clip(weights_dir: Path, device: str = "cpu") -> LoadedClip:
     return LoadedClip(model, preprocess_val, open_clip.get_tokenizer(arch), name)
 
 
-def _autocast(device: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (as CLIP evaluations run), full precision elsewhere."""
-    if torch.device(device).type == "cuda":
+def _autocast(device: str, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when ``precision`` is "bf16"; full precision otherwise."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: choose one of {PRECISIONS}")
+    if precision == "bf16" and torch.device(device).type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -227,10 +305,12 @@ def encode_images(
     device: str,
     *,
     workers: int = 0,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Encode PIL images (consumed lazily, in order) -> float32 [n, d], rows L2-normalised.
 
-    ``workers`` > 0 runs the per-image preprocessing in that many threads.
+    ``workers`` > 0 runs the per-image preprocessing in that many threads. ``precision``:
+    "fp32" (default: near-tied cosine rankings do not flip) or "bf16" (autocast on CUDA).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -242,7 +322,7 @@ def encode_images(
         with torch.no_grad(), tqdm(total=total, desc="encode images", unit="img") as bar:
             for batch in _batches(images, batch_size):
                 pixels = torch.stack(list(mapper(clip.preprocess, batch))).to(device)
-                with _autocast(device):
+                with _autocast(device, precision):
                     features = clip.model.encode_image(pixels)
                 chunks.append(F.normalize(features.float(), dim=-1).cpu().numpy())
                 bar.update(len(batch))
@@ -254,16 +334,24 @@ def encode_images(
     return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
-def encode_texts(clip: LoadedClip, texts: list[str], device: str) -> np.ndarray:
-    """Encode strings -> float32 [n, d], rows L2-normalised."""
+def encode_texts(
+    clip: LoadedClip, texts: list[str], device: str, *, precision: str = "fp32"
+) -> np.ndarray:
+    """Encode strings -> float32 [n, d], rows L2-normalised (``precision``: as
+    ``encode_images``)."""
     tokens = clip.tokenizer(texts).to(device)
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), _autocast(device, precision):
         features = clip.model.encode_text(tokens)
     return F.normalize(features.float(), dim=-1).cpu().numpy().astype(np.float32, copy=False)
 
 
 def encode_class_prompts(
-    clip: LoadedClip, classnames: list[str], templates: list[str], device: str
+    clip: LoadedClip,
+    classnames: list[str],
+    templates: list[str],
+    device: str,
+    *,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Zero-shot class embeddings -> float32 [C, d].
 
@@ -277,6 +365,6 @@ def encode_class_prompts(
     rows = []
     for name in tqdm(classnames, desc="encode classes", unit="class"):
         prompts = [template.format(c=name) for template in templates]
-        mean = encode_texts(clip, prompts, device).mean(axis=0)
+        mean = encode_texts(clip, prompts, device, precision=precision).mean(axis=0)
         rows.append(mean / np.linalg.norm(mean))
     return np.stack(rows).astype(np.float32)

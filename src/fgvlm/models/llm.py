@@ -7,14 +7,17 @@ The demo's tiny LMs (``fgvlm.models.tiny.materialize_tiny_llm``) write the same 
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 from pathlib import Path
 
-from huggingface_hub import snapshot_download
-
-from fgvlm.io import atomic_path
+from fgvlm.io import atomic_path, write_json
+from fgvlm.models.hub import (
+    SOURCE_FILE,
+    file_digests,
+    lock_key,
+    pinned_snapshot,
+    record_pins,
+)
 
 # what a model repo may contribute: configs, safetensors weights, tokenizer files; never pickles
 LLM_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
@@ -34,15 +37,12 @@ def fetch_llm(repo: str, revision: str, out_dir: Path) -> None:
 
     Only configs, safetensors weights and tokenizer files (``LLM_FILE_PATTERNS``); raises
     FileNotFoundError when the repo has no safetensors weights (pickles are never loaded) or
-    no ``config.json``. Pin ``revision`` to a commit for reproducibility.
+    no ``config.json``. A branch ``revision`` is pinned to its commit at the first fetch
+    (``fgvlm.models.hub`` docstring); ``fgvlm_source.json`` records the commit and file hashes.
     """
+    out_dir = Path(out_dir)
     with atomic_path(out_dir, is_dir=True) as tmp:
-        snapshot_download(
-            repo_id=repo, revision=revision, local_dir=tmp, allow_patterns=LLM_FILE_PATTERNS
-        )
-        # snapshot_download's bookkeeping folder is not part of the model
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(tmp / ".cache")
+        sha = pinned_snapshot(repo, revision, tmp, out_dir, allow_patterns=LLM_FILE_PATTERNS)
         if not any(tmp.glob("*.safetensors")):
             raise FileNotFoundError(
                 f"hub repo {repo!r} at {revision!r} has no *.safetensors weights "
@@ -50,3 +50,6 @@ def fetch_llm(repo: str, revision: str, out_dir: Path) -> None:
             )
         if not (tmp / "config.json").is_file():
             raise FileNotFoundError(f"hub repo {repo!r} at {revision!r} has no config.json")
+        source = {"repo": repo, "revision": revision, "sha": sha, "files": file_digests(tmp)}
+        write_json(source, tmp / SOURCE_FILE)
+    record_pins(out_dir, {lock_key(repo, revision): sha})

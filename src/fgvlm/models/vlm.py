@@ -9,7 +9,8 @@ A saved VLM is a directory::
 
     model.safetensors   connector.* and llm.* tensors (tied LM weights stored once)
     fgvlm_vlm.json      {"encoder": <CLIP weights dir>, "llm_config": {...}, "template",
-                         "connector", "vision": {...}, "llm": <source LLM dir>, ...}
+                         "connector", "image_aspect", "vision": {...}, "llm": <source LLM dir>,
+                         ...}
     tokenizer files     the LM's tokenizer
 
 The frozen tower is not copied: ``load_vlm`` reloads it from the CLIP weights dir it names.
@@ -30,7 +31,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from fgvlm.io import atomic_path, read_json, write_json
-from fgvlm.models.clip import load_clip
+from fgvlm.models.clip import load_clip, read_clip_config, vlm_image_transform
 from fgvlm.models.llm import publish_modes
 from fgvlm.models.templates import (
     IGNORE_INDEX,
@@ -43,18 +44,19 @@ from fgvlm.models.templates import (
 
 VLM_CONFIG_FILE = "fgvlm_vlm.json"
 VLM_WEIGHTS_FILE = "model.safetensors"
-_RESERVED_META = ("encoder", "template", "connector", "llm_config", "vision")
+_RESERVED_META = ("encoder", "template", "connector", "image_aspect", "llm_config", "vision")
 
 
 class VisionTower(nn.Module):
     """A frozen open_clip ViT giving penultimate-layer patch tokens without the CLS token.
 
     In: a CLIP weights dir (``fgvlm.models.clip`` layout). ``forward(pixel_values [B,3,H,W])``
-    -> ``[B, num_patches, hidden_size]``. ``preprocess`` is the model's own eval transform
-    (PIL -> [3,H,W]; resize mode, mean/std and quick-GELU come from its ``clip.json``).
+    -> ``[B, num_patches, hidden_size]``. ``preprocess`` (PIL -> [3,H,W]) is
+    ``fgvlm.models.clip.vlm_image_transform`` with the tower's mean/std/interpolation and
+    ``aspect`` (pad, crop or squash): the one transform training and evaluation both use.
     """
 
-    def __init__(self, clip_dir: Path, device: str = "cpu") -> None:
+    def __init__(self, clip_dir: Path, device: str = "cpu", *, aspect: str = "pad") -> None:
         super().__init__()
         clip = load_clip(clip_dir, device)
         visual = clip.model.visual
@@ -72,8 +74,11 @@ class VisionTower(nn.Module):
         self.visual = visual
         self.clip_dir = Path(clip_dir)
         self.name = clip.name
-        self.preprocess = clip.preprocess
         self.image_size = tuple(visual.image_size)
+        self.aspect = aspect
+        self.preprocess = vlm_image_transform(
+            read_clip_config(clip_dir)["preprocess"], self.image_size, aspect
+        )
         self.num_patches = visual.grid_size[0] * visual.grid_size[1]
         self.hidden_size = visual.transformer.width
         self.requires_grad_(False)
@@ -384,12 +389,15 @@ def build_vlm(
     *,
     template: str,
     connector: str = "mlp2x_gelu",
+    image_aspect: str = "pad",
     seed: int = 0,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> LlavaVLM:
     """A new VLM: the CLIP weights dir's tower, a seeded new connector, the LM of ``llm_dir``
     (a Hugging Face model dir: ``materialize_tiny_llm`` or ``fetch_llm``) in ``dtype``.
+    ``image_aspect``: how images are fitted to the tower (``VisionTower``); saved with the
+    model, so evaluation preprocesses as training did.
 
     Fails early (``TemplateMismatchError``) when the tokenizer lacks a token ``template`` needs.
     """
@@ -397,7 +405,7 @@ def build_vlm(
     tokenizer = AutoTokenizer.from_pretrained(llm_dir)
     stop_token_ids(template, tokenizer)  # the template's end token must exist
     llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype)
-    vision = VisionTower(clip_dir, device="cpu")
+    vision = VisionTower(clip_dir, device="cpu", aspect=image_aspect)
     # a private RNG state: building must not disturb the caller's random stream
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -456,6 +464,7 @@ def save_vlm(
         "encoder": str(vlm.vision.clip_dir),
         "template": vlm.template,
         "connector": vlm.connector.kind,
+        "image_aspect": vlm.vision.aspect,
         "llm_config": vlm.llm.config.to_dict(),
         "vision": {
             "num_patches": vlm.vision.num_patches,
@@ -516,7 +525,9 @@ def load_vlm(
         if prefix not in parts:
             raise ValueError(f"{model_dir / VLM_WEIGHTS_FILE}: unexpected tensor {key!r}")
         parts[prefix][name] = value
-    vision = VisionTower(Path(clip_dir or record["encoder"]), device="cpu")
+    vision = VisionTower(
+        Path(clip_dir or record["encoder"]), device="cpu", aspect=record["image_aspect"]
+    )
     if vision.hidden_size != record["vision"]["hidden_size"]:
         raise ValueError(
             f"{model_dir}: tower width {vision.hidden_size} != saved "

@@ -58,7 +58,9 @@ def initial_model(
         return model
     if clip_dir is None or llm_dir is None:
         raise ValueError("a LLaVA-style stage needs clip_dir and llm_dir (or init_dir)")
-    model = vlm_lib.build_vlm(clip_dir, llm_dir, template=template, seed=spec["seed"])
+    model = vlm_lib.build_vlm(
+        clip_dir, llm_dir, template=template, image_aspect=spec["image_aspect"], seed=spec["seed"]
+    )
     return model.to(device)
 
 
