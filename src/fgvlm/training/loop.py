@@ -88,7 +88,7 @@ def train(
 
     ``batches(epoch, skip)`` yields this rank's micro-batches of one epoch (dicts for
     ``model(**batch)``), skipping the first ``skip`` (already consumed before a resume).
-    Resumes from the newest intact checkpoint in ``state_dir`` if there is one. ``on_step(step, model)``
+    Resumes from the newest intact checkpoint in ``state_dir``, if any. ``on_step(step, model)``
     is called after every optimizer step (observation only); ``finish(model, result)`` on every
     rank after the last one, with the model ``accelerator.prepare`` returned (e.g. ``save_model``).
     """
