@@ -7,7 +7,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import pickle
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,11 +43,12 @@ RECIPE = dict(
 )
 
 
-def run(state_dir: Path, stop_at: int | None = None):
+def run(state_dir: Path, stop_at: int | None = None, accelerator=None):
     """Ten steps of the real loop on ``FakeVLM``, checkpoints every 3; ``stop_at``: killed
     right after that step (newest checkpoint: the step before, a multiple of 3)."""
-    recipe = Recipe.from_config(RECIPE)
-    plan = make_plan(recipe, 1, n_samples=2 * STEPS)
+    world = accelerator.num_processes if accelerator is not None else 1
+    recipe = Recipe.from_config({**RECIPE, "global_batch": 2 * world})
+    plan = make_plan(recipe, world, n_samples=2 * world * STEPS)
     gen = torch.Generator().manual_seed(5)
     data = [
         {
@@ -69,6 +74,7 @@ def run(state_dir: Path, stop_at: int | None = None):
         checkpoint_every=3,
         log_path=state_dir / "train_log.jsonl",
         on_step=observe,
+        accelerator=accelerator,
     )
     return model, result
 
@@ -225,3 +231,87 @@ def test_final_record_reemits_the_output_and_refuses_a_damaged_one(tmp_path, cap
         assert reemit_final(state, tmp_path / "again", "job-a") is None
     assert f"damaged final record {state / FINAL_DIR}: model.safetensors has" in caplog.text
     assert not (state / FINAL_DIR).exists() and not (tmp_path / "again").exists()
+
+
+# --- two gloo processes: the ranks share the hashing and agree on the verdict ------------------
+
+DRIVER = """
+import json, sys
+from pathlib import Path
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+torch.set_num_threads(1)
+from fgvlm import logs
+logs.setup()
+args = json.loads(sys.argv[1])
+sys.path.insert(0, args["tests"])
+from test_checkpoint_faults import run
+try:
+    accelerator = Accelerator(cpu=True)  # gloo across the two processes
+    _, result = run(Path(args["state"]), stop_at=args["stop_at"], accelerator=accelerator)
+    print(json.dumps({"resumed_from": result.resumed_from}))
+except KeyboardInterrupt:
+    sys.exit(3)
+finally:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+"""
+
+
+def two_ranks(state: Path, stop_at: int | None) -> list[subprocess.CompletedProcess]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+    }
+    args = json.dumps(
+        {"state": str(state), "stop_at": stop_at, "tests": str(Path(__file__).parent)}
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", DRIVER, args],
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        outs = [proc.communicate(timeout=240) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return [
+        subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        for proc, (out, err) in zip(procs, outs, strict=True)
+    ]
+
+
+def test_two_ranks_agree_on_a_damage_only_one_of_them_hashed(tmp_path):
+    state = tmp_path / "state"
+    done = two_ranks(state, stop_at=7)
+    assert [d.returncode for d in done] == [3, 3], done[0].stderr[-3000:]
+    newest = latest_checkpoint(state)
+    assert newest.name == "step-00000006"
+    files = json.loads((newest / MANIFEST).read_text())["files"]
+    assert {"weights/__0_0.distcp", "weights/__1_0.distcp", "rng-rank1.json"} <= set(files)
+    # a same-size change in a file of rank 1's share: only rank 1 sees it
+    name = next(n for n in sorted(files)[1::2] if files[n]["bytes"])
+    data = bytearray((newest / name).read_bytes())
+    data[-1] ^= 0x01
+    (newest / name).write_bytes(bytes(data))
+    done = two_ranks(state, stop_at=None)
+    assert [d.returncode for d in done] == [0, 0], done[0].stderr[-3000:]
+    assert [json.loads(d.stdout.splitlines()[-1])["resumed_from"] for d in done] == [3, 3]
+    assert f"damaged checkpoint {newest}: a file another rank checked" in done[0].stderr
+    assert f"damaged checkpoint {newest}: {name} does not match its sha256" in done[1].stderr

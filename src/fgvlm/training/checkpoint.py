@@ -285,9 +285,10 @@ def save_checkpoint(
 
     ``model`` and ``optimizer`` are what ``accelerator.prepare`` returned (FSDP / DeepSpeed
     wrapped, or the plain ones). A collective: every rank must call it at the same step. Every
-    rank writes its RNG state and its shard of weights and optimizer into one temporary folder;
-    rank 0 then writes the rest and renames the folder into place, so a save killed half-way
-    leaves only a temporary folder, which ``latest_checkpoint`` never matches.
+    rank writes its RNG state and its shard of weights and optimizer into one temporary folder,
+    then hashes its share of the files; rank 0 writes the rest, the manifest last, and renames
+    the folder into place, so a save killed half-way leaves only a temporary folder, which
+    ``latest_checkpoint`` never matches.
     """
     rank = accelerator.process_index if accelerator is not None else 0
     barrier = accelerator.wait_for_everyone if accelerator is not None else (lambda: None)
