@@ -90,10 +90,11 @@ def micro_batches_per_epoch(
     )
 
 
-def job_identity(spec: dict, inputs: dict[str, Path | None]) -> dict:
+def job_identity(spec: dict, inputs: dict[str, Path | None], world_size: int) -> dict:
     """What a rerun shares with the run that left a state folder, to resume it or re-emit its
-    output: the spec, and a hash of every input file's path, size and modification time (an
-    input Snakemake made again, e.g. the pretraining under a finetuning, is another job)."""
+    output: the spec, the world size (checkpoints are sharded by it), and a hash of every input
+    file's path, size and modification time (an input Snakemake made again, e.g. the
+    pretraining under a finetuning, is another job)."""
     listing = {
         key: [
             (p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
@@ -104,7 +105,7 @@ def job_identity(spec: dict, inputs: dict[str, Path | None]) -> dict:
         if root is not None
     }
     digest = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
-    return {"spec": spec, "inputs": digest}
+    return {"spec": spec, "world_size": world_size, "inputs": digest}
 
 
 def run_training(
@@ -132,8 +133,14 @@ def run_training(
     seed = spec["seed"]
     state = PartialState(cpu=device == "cpu")
     # 0. The state to resume from, only a run of this very job; its output if it finished.
-    inputs = {"data": data_dir, "clip": clip_dir, "llm": llm_dir, "init": init_dir}
-    identity = job_identity(spec, {**inputs, "base": base_dir})
+    inputs = {
+        "data": data_dir,
+        "clip": clip_dir,
+        "llm": llm_dir,
+        "init": init_dir,
+        "base": base_dir,
+    }
+    identity = job_identity(spec, inputs, state.num_processes)
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     if state.is_main_process:
         prepare_state_dir(state_dir, identity)
