@@ -1,10 +1,12 @@
 """A training job killed mid-way (SIGTERM, SIGKILL) and rerun ends with the weights of an
-uninterrupted run: real processes, the real model, data and trainer."""
+uninterrupted run; a finished job whose output was lost writes it again without training: real
+processes, the real model, data and trainer."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,3 +114,21 @@ def test_killed_run_resumes_to_identical_weights(assets, reference, tmp_path, si
     assert expected.keys() == got.keys()
     for name, tensor in expected.items():
         assert (tensor == got[name]).all(), name
+
+
+def test_finished_job_whose_output_was_deleted_re_emits_it_untrained(assets, reference, tmp_path):
+    # Snakemake died while the job ran on; --rerun-incomplete deleted the finished output
+    out = tmp_path / "model"
+    state = Path(f"{out}.state")
+    shutil.copytree(f"{reference}.state", state)
+    assert not list(state.glob("step-*")) and (state / "final" / "final.json").is_file()
+    log_before = (state / "train_log.jsonl").read_bytes()
+    rerun = start(assets, out)
+    assert rerun.wait(timeout=120) == 0, rerun.communicate()[1][-2000:]
+    err = rerun.communicate()[1]
+    assert "re-emitted from" in err and "resuming" not in err
+    assert (state / "train_log.jsonl").read_bytes() == log_before  # not one step trained
+    files = sorted(p.relative_to(reference) for p in reference.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    for name in files:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name

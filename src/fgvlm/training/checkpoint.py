@@ -12,16 +12,27 @@ rank has written its part:
   scheduler.pt        the LR scheduler (plain numbers; loaded with weights_only)
   position.json       step, epoch and micro-batch within the epoch
   rng-rank{r}.*       each rank's torch (and CUDA) RNG in safetensors, Python's in JSON
+  manifest.json       size and sha256 of every other file, written last
 
-The final model is gathered on rank 0 and saved there (``save_model``).
+A resume takes the newest checkpoint whose files match its manifest (``resumable_checkpoint``),
+checked before anything in it is read, so a damaged newest checkpoint falls back to an older
+one. DCP's ``.metadata`` is a pickle: it is read by an unpickler that admits only DCP's metadata
+classes, and every entry loaded must be a tensor (read with ``weights_only``), so a weights/
+checkpoint runs no code. A DeepSpeed checkpoint is the engine's own pickles: the manifest
+catches damage, not tampering; its state folder is trusted like the code.
+
+The final model is gathered on rank 0 and saved there (``save_model``); ``record_final`` keeps
+a hashed copy in the state folder, from which ``reemit_final`` restores a lost output.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 import warnings
@@ -42,6 +53,10 @@ CHECKPOINT_PREFIX = "step-"
 WEIGHTS_DIR = "weights"
 DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
+MANIFEST = "manifest.json"
+FINAL_DIR = "final"
+FINAL_RECORD = "final.json"
+_MANIFEST_PART = ".manifest-rank"  # each rank's share of the hashes, merged into the manifest
 
 
 def is_deepspeed(accelerator: Any) -> bool:
@@ -153,6 +168,7 @@ def _save_sharded_state(directory: Path, model: Any, optimizer: Any) -> list[dic
 def _load_sharded_state(path: Path, model: Any, optimizer: Any) -> None:
     """Restore what ``_save_sharded_state`` wrote into the prepared model and optimizer."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     directory = path / WEIGHTS_DIR
@@ -160,16 +176,24 @@ def _load_sharded_state(path: Path, model: Any, optimizer: Any) -> None:
     # this run's tensors (shards under FSDP; state from init_optimizer_state) to fill in place
     weights, optim = get_state_dict(model, inner, options=_state_dict_options())
     state = optim["state"]
-    stored = set(dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata)
+    reader = _safe_reader(directory)
+    stored = reader.read_metadata().state_dict_metadata
     wanted = [f"model.{name}" for name in weights]
     wanted += [f"optimizer.{fqn}.{key}" for fqn, entry in state.items() for key in entry]
     missing = [key for key in wanted if key not in stored]
     if missing:
         raise ValueError(f"{directory}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
+    not_tensors = [key for key in wanted if not isinstance(stored[key], TensorStorageMetadata)]
+    if not_tensors:
+        # DCP unpickles non-tensor entries (weights_only=False)
+        raise ValueError(f"{directory}: {not_tensors[0]} is not a tensor; refusing to unpickle it")
     groups = _read_param_groups(path / "param_groups.json")
     with _quiet_checkpointing():
         dcp.load(
-            {"model": weights, "optimizer": state}, checkpoint_id=directory, no_dist=_no_dist()
+            {"model": weights, "optimizer": state},
+            checkpoint_id=directory,
+            storage_reader=reader,
+            no_dist=_no_dist(),
         )
         set_state_dict(
             model,
@@ -178,6 +202,46 @@ def _load_sharded_state(path: Path, model: Any, optimizer: Any) -> None:
             optim_state_dict={"state": state, "param_groups": groups},
             options=_state_dict_options(),
         )
+
+
+# what DCP's .metadata pickle may name besides the classes of torch.distributed.checkpoint.metadata
+_METADATA_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata`` and nothing else: no other class is imported or called."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module == "torch.distributed.checkpoint.metadata" or (module, name) in _METADATA_GLOBALS:
+            found = super().find_class(module, name)
+            if isinstance(found, type) or (module, name) in _METADATA_GLOBALS:
+                return found
+        raise pickle.UnpicklingError(f"checkpoint metadata names {module}.{name}: not allowed")
+
+
+def _safe_reader(directory: Path):
+    """DCP's file reader with the ``.metadata`` pickle read by ``_MetadataUnpickler``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(dcp.FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):  # noqa: ARG002
+            with open(Path(self.path) / ".metadata", "rb") as stream:
+                metadata = _MetadataUnpickler(stream).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(directory))
 
 
 def _write_param_groups(groups: list[dict], path: Path) -> None:
@@ -221,9 +285,10 @@ def save_checkpoint(
 
     ``model`` and ``optimizer`` are what ``accelerator.prepare`` returned (FSDP / DeepSpeed
     wrapped, or the plain ones). A collective: every rank must call it at the same step. Every
-    rank writes its RNG state and its shard of weights and optimizer into one temporary folder;
-    rank 0 then writes the rest and renames the folder into place, so a save killed half-way
-    leaves only a temporary folder, which ``latest_checkpoint`` never matches.
+    rank writes its RNG state and its shard of weights and optimizer into one temporary folder,
+    then hashes its share of the files; rank 0 writes the rest, the manifest last, and renames
+    the folder into place, so a save killed half-way leaves only a temporary folder, which
+    ``latest_checkpoint`` never matches.
     """
     rank = accelerator.process_index if accelerator is not None else 0
     barrier = accelerator.wait_for_everyone if accelerator is not None else (lambda: None)
@@ -248,11 +313,22 @@ def save_checkpoint(
     else:
         groups = _save_sharded_state(tmp / WEIGHTS_DIR, model, optimizer)
     barrier()
+    # the ranks share the hashing of what they wrote (the folder is on a shared filesystem)
+    world = accelerator.num_processes if accelerator is not None else 1
+    share = _digests(tmp, _listing(tmp)[rank::world])
+    (tmp / f"{_MANIFEST_PART}{rank}.json").write_text(json.dumps(share))
+    barrier()
     if rank == 0:
         if groups is not None:
             _write_param_groups(groups, tmp / "param_groups.json")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "position.json").write_text(json.dumps({**position, "step": step}))
+        files: dict = {}
+        for part in sorted(tmp.glob(f"{_MANIFEST_PART}*.json")):
+            files.update(json.loads(part.read_text()))
+            part.unlink()
+        files.update(_digests(tmp, [name for name in _listing(tmp) if name not in files]))
+        (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1, sort_keys=True))
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -262,15 +338,112 @@ def save_checkpoint(
     return target
 
 
-def latest_checkpoint(state_dir: Path) -> Path | None:
-    """The newest complete checkpoint (temp folders of a killed save are never matched, nor
+def _checkpoints(state_dir: Path) -> list[Path]:
+    """Checkpoint folders, oldest first (temp folders of a killed save are never matched, nor
     folders without ``weights/`` or ``deepspeed/``)."""
-    found = sorted(
+    return sorted(
         p
         for p in state_dir.glob(f"{CHECKPOINT_PREFIX}*")
         if (p / WEIGHTS_DIR).is_dir() or (p / DEEPSPEED_DIR).is_dir()
     )
+
+
+def latest_checkpoint(state_dir: Path) -> Path | None:
+    """The newest checkpoint folder, intact or not (see ``resumable_checkpoint``)."""
+    found = _checkpoints(state_dir)
     return found[-1] if found else None
+
+
+def resumable_checkpoint(state_dir: Path, accelerator: Any = None) -> Path | None:
+    """The newest checkpoint whose files all match its manifest; None when none does.
+
+    A collective: the ranks share the hashing and agree on the verdict before any rank reads a
+    checkpoint. A damaged checkpoint is removed with a warning naming it and why.
+    """
+    rank = accelerator.process_index if accelerator is not None else 0
+    world = accelerator.num_processes if accelerator is not None else 1
+    candidates = _checkpoints(state_dir)[::-1]
+    for path in candidates:
+        reason = verify_checkpoint(path, rank, world)
+        if _on_every_rank(reason is None, accelerator):
+            return path
+        if reason is not None or rank == 0:
+            log.warning(
+                "damaged checkpoint %s: %s; removing it and trying an older one",
+                path,
+                reason or "a file another rank checked",
+            )
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+    if candidates and rank == 0:
+        log.warning("%s: no intact checkpoint; training starts afresh", state_dir)
+    return None
+
+
+def verify_checkpoint(path: Path, rank: int = 0, world: int = 1) -> str | None:
+    """Why ``path`` cannot be resumed from (None: intact). Every rank checks the manifest, the
+    file list and sizes; rank ``rank`` of ``world`` hashes its share of the files."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return f"no {MANIFEST} (its save never finished)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{MANIFEST} is unreadable ({err})"
+    return _check_files(path, files, rank, world)
+
+
+def _on_every_rank(flag: bool, accelerator: Any) -> bool:
+    """Whether ``flag`` holds on every rank."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return flag
+    import torch.distributed as dist
+
+    value = torch.tensor([int(flag)], device=accelerator.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def _listing(directory: Path, skip: tuple[str, ...] = (MANIFEST,)) -> list[str]:
+    """Every file under ``directory`` (relative, sorted) but ``skip`` and the manifest's parts."""
+    names = (p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+    return sorted(n for n in names if n not in skip and not n.startswith(_MANIFEST_PART))
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+def _digests(directory: Path, names: list[str]) -> dict[str, dict]:
+    return {
+        name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+        for name in names
+    }
+
+
+def _check_files(
+    directory: Path, files: dict, rank: int = 0, world: int = 1, skip: tuple[str, ...] = (MANIFEST,)
+) -> str | None:
+    """Why the files under ``directory`` do not match ``files`` (``_digests``'s form), or None.
+    Names are compared with the folder's listing before any is opened."""
+    try:
+        present = set(_listing(directory, skip))
+        for name in sorted(files):
+            if name not in present:
+                return f"{name} is missing"
+            size = (directory / name).stat().st_size
+            if size != files[name]["bytes"]:
+                return f"{name} has {size} bytes, its manifest says {files[name]['bytes']}"
+        extra = sorted(present - set(files))
+        if extra:
+            return f"{extra[0]} is not in the manifest"
+        for name in sorted(files)[rank::world]:
+            if _sha256(directory / name) != files[name]["sha256"]:
+                return f"{name} does not match its sha256"
+    except (OSError, KeyError, TypeError) as err:
+        return f"unreadable ({err})"
+    return None
 
 
 def load_checkpoint(
@@ -278,7 +451,8 @@ def load_checkpoint(
 ) -> dict:
     """Restore weights, optimizer, scheduler and RNG from ``path``; return the data position.
 
-    ``model`` and ``optimizer`` as for ``save_checkpoint``; a collective as well.
+    ``model`` and ``optimizer`` as for ``save_checkpoint``; a collective as well. ``path`` comes
+    from ``resumable_checkpoint``: its files were checked against its manifest.
     """
     if (path / DEEPSPEED_DIR).is_dir():
         if not is_deepspeed(accelerator):
@@ -306,6 +480,63 @@ def load_checkpoint(
             load_file(rank_file), json.loads((path / f"rng-rank{rank}.json").read_text())
         )
     return json.loads((path / "position.json").read_text())
+
+
+def truncate_log(log_path: Path, step: int) -> None:
+    """Drop the records of steps after ``step`` from a JSON-lines log: a resumed run trains
+    them again and logs them anew."""
+    if not log_path.exists():
+        return
+    lines = log_path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        with io.atomic_path(log_path) as tmp:
+            tmp.write_text("".join(kept))
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copy2(source, target)
+
+
+def record_final(out_dir: Path, state_dir: Path, fingerprint: str, summary: dict) -> None:
+    """Keep the finished output in ``state_dir/final/`` (hard links where possible) with
+    ``final.json`` (the job's fingerprint, every file's size and sha256, the run's summary),
+    so that a rerun whose output was lost re-emits it (``reemit_final``). Rank 0 only."""
+    files = _digests(out_dir, _listing(out_dir, skip=()))
+    with io.atomic_path(state_dir / FINAL_DIR, is_dir=True) as tmp:
+        for name in files:
+            _link_or_copy(out_dir / name, tmp / name)
+        record = {"fingerprint": fingerprint, "files": files, "summary": summary}
+        (tmp / FINAL_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True))
+
+
+def reemit_final(state_dir: Path, out_dir: Path, fingerprint: str) -> dict | None:
+    """Write ``out_dir`` again from an intact final record of this very job and return the
+    run's summary; None (and no record left) when there is none, or it is stale or damaged.
+    Rank 0 only."""
+    folder = state_dir / FINAL_DIR
+    if not folder.exists():
+        return None
+    try:
+        record = json.loads((folder / FINAL_RECORD).read_text())
+        stale = record["fingerprint"] != fingerprint
+        reason = None if stale else _check_files(folder, record["files"], skip=(FINAL_RECORD,))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        stale, reason = False, f"{FINAL_RECORD} is unreadable ({err})"
+    if stale or reason:
+        if reason:
+            log.warning("damaged final record %s: %s; training again", folder, reason)
+        shutil.rmtree(folder)
+        return None
+    with io.atomic_path(out_dir, is_dir=True) as tmp:
+        for name in record["files"]:
+            _link_or_copy(folder / name, tmp / name)
+    log.info("%s: re-emitted from %s, trained before; no step trained now", out_dir, folder)
+    return record["summary"]
 
 
 def save_model(accelerator: Any, model: Any, out_dir: Path, extra_meta: dict) -> None:
@@ -338,10 +569,11 @@ def check_saveable(model: Any, accelerator: Any) -> None:
         )
 
 
-def prepare_state_dir(state_dir: Path, spec: dict) -> None:
-    """Resume only a run of the same spec: state left by another spec is discarded."""
+def prepare_state_dir(state_dir: Path, identity: dict) -> None:
+    """Resume only a run of the same job (``identity``: its spec and inputs): state left by
+    another is discarded."""
     marker = state_dir / "spec.json"
-    wanted = json.dumps(spec, sort_keys=True)
+    wanted = json.dumps(identity, sort_keys=True)
     if state_dir.exists() and (not marker.exists() or marker.read_text() != wanted):
         log.warning("%s: state of a different spec; starting afresh", state_dir)
         shutil.rmtree(state_dir)

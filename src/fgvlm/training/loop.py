@@ -22,10 +22,11 @@ import torch
 from fgvlm.training.checkpoint import (
     init_optimizer_state,
     is_deepspeed,
-    latest_checkpoint,
     load_checkpoint,
+    resumable_checkpoint,
     save_checkpoint,
     torch_optimizer,
+    truncate_log,
 )
 from fgvlm.training.recipe import (
     Plan,
@@ -87,7 +88,7 @@ def train(
 
     ``batches(epoch, skip)`` yields this rank's micro-batches of one epoch (dicts for
     ``model(**batch)``), skipping the first ``skip`` (already consumed before a resume).
-    Resumes from the newest checkpoint in ``state_dir`` if there is one. ``on_step(step, model)``
+    Resumes from the newest intact checkpoint in ``state_dir``, if any. ``on_step(step, model)``
     is called after every optimizer step (observation only); ``finish(model, result)`` on every
     rank after the last one, with the model ``accelerator.prepare`` returned (e.g. ``save_model``).
     """
@@ -118,7 +119,7 @@ def train(
     state_dir.mkdir(parents=True, exist_ok=True)
 
     step, micro_in_epoch, epoch, resumed = 0, 0, 0, 0
-    checkpoint = latest_checkpoint(state_dir)
+    checkpoint = resumable_checkpoint(state_dir, accelerator)
     if checkpoint is not None:
         position = load_checkpoint(
             checkpoint, model, optimizer, scheduler, accelerator.process_index, accelerator
@@ -132,6 +133,8 @@ def train(
             epoch,
             micro_in_epoch,
         )
+    if log_path is not None and accelerator.is_main_process:
+        truncate_log(log_path, step)  # the steps after the checkpoint are trained again
     late = [
         (start, g["name"], g["params"]) for g, start in zip(groups, starts, strict=True) if start
     ]

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -20,8 +21,12 @@ import torch
 
 from fgvlm.training.checkpoint import (
     CHECKPOINT_PREFIX,
+    FINAL_DIR,
+    FINAL_RECORD,
     check_saveable,
     prepare_state_dir,
+    record_final,
+    reemit_final,
     save_model,
 )
 from fgvlm.training.loop import TrainResult, train
@@ -87,6 +92,24 @@ def micro_batches_per_epoch(
     )
 
 
+def job_identity(spec: dict, inputs: dict[str, Path | None], world_size: int) -> dict:
+    """What a rerun shares with the run that left a state folder, to resume it or re-emit its
+    output: the spec, the world size (checkpoints are sharded by it), and a hash of every input
+    file's path, size and modification time (an input Snakemake made again, e.g. the
+    pretraining under a finetuning, is another job)."""
+    listing = {
+        key: [
+            (p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))
+            if p.is_file()
+        ]
+        for key, root in sorted(inputs.items())
+        if root is not None
+    }
+    digest = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+    return {"spec": spec, "world_size": world_size, "inputs": digest}
+
+
 def run_training(
     spec: dict,
     out_dir: Path,
@@ -104,13 +127,32 @@ def run_training(
 ) -> dict:
     """Train one stage and save the model to ``out_dir`` (see ``fgvlm.stages.train_stage``).
 
-    Samples are shuffled within each shard through a seeded buffer of ``shuffle_buffer``."""
+    Samples are shuffled within each shard through a seeded buffer of ``shuffle_buffer``.
+    A job that finished before but whose output is gone (Snakemake died while it ran, and
+    ``--rerun-incomplete`` deleted it) writes the output again from ``state_dir``, untrained."""
     from accelerate import Accelerator, PartialState
 
     seed = spec["seed"]
+    state = PartialState(cpu=device == "cpu")
+    # 0. The state to resume from, only a run of this very job; its output if it finished.
+    inputs = {
+        "data": data_dir,
+        "clip": clip_dir,
+        "llm": llm_dir,
+        "init": init_dir,
+        "base": base_dir,
+    }
+    identity = job_identity(spec, inputs, state.num_processes)
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    if state.is_main_process:
+        prepare_state_dir(state_dir, identity)
+        reemit_final(state_dir, out_dir, fingerprint)
+    state.wait_for_everyone()
+    final = state_dir / FINAL_DIR / FINAL_RECORD
+    if final.is_file():  # rank 0 left it only after re-emitting from it
+        return json.loads(final.read_text())["summary"]
     # 1. The recipe and the run's arithmetic: every rank yields the same micro-batches per epoch.
     recipe = Recipe.from_config(spec["recipe"])
-    state = PartialState(cpu=device == "cpu")
     micro = micro_batches_per_epoch(
         data_dir, recipe, world_size=state.num_processes, seed=seed, workers=dataloader_workers
     )
@@ -147,11 +189,7 @@ def run_training(
         shuffle_buffer=shuffle_buffer,
         workers=dataloader_workers,
     )
-    # 5. The state to resume from: only a run of this very spec.
-    if accelerator.is_main_process:
-        prepare_state_dir(state_dir, spec)
-    accelerator.wait_for_everyone()
-    # 6. Train: freezes and unfreezes the groups as the recipe says, then saves on rank 0.
+    # 5. Train: freezes and unfreezes the groups as the recipe says, then saves on rank 0.
     summary: dict = {}
 
     def finish(prepared: Any, result: TrainResult) -> None:
@@ -178,8 +216,9 @@ def run_training(
         log_path=state_dir / "train_log.jsonl",
         finish=finish,
     )
-    # 7. The job is complete: nothing left to resume.
+    # 6. The job is complete: its output kept for a rerun that lost it, nothing left to resume.
     if accelerator.is_main_process:
+        record_final(out_dir, state_dir, fingerprint, summary)
         for checkpoint in state_dir.glob(f"{CHECKPOINT_PREFIX}*"):
             shutil.rmtree(checkpoint)
     accelerator.wait_for_everyone()
