@@ -46,7 +46,7 @@ def training_assets(root: Path, *, llm_layers: int, samples_per_shard: int) -> d
     stages.materialize_llm(
         {
             "type": "tiny",
-            "family": "llama",
+            "arch": "llama",
             "seed": 0,
             "hidden_size": 32,
             "layers": llm_layers,

@@ -38,7 +38,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     stages.materialize_llm(
         {
             "type": "tiny",
-            "family": "qwen2",
+            "arch": "qwen2",
             "seed": 0,
             "hidden_size": 96,
             "layers": 2,

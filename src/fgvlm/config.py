@@ -543,13 +543,13 @@ def encoder_clip(config: dict, encoder: str) -> str:
 
 
 def hub_family(vlm: dict) -> str:
-    """The prompt family of a hub VLM: configured, the tiny stand-in's kind, or from its repo."""
+    """The prompt family of a hub VLM: configured, the tiny stand-in's architecture, or from its repo."""
     from fgvlm.evaluate.prompts import family_of_repo
 
     if "family" in vlm:
         return vlm["family"]
     if "tiny" in vlm:
-        return vlm["tiny"]["kind"]
+        return vlm["tiny"]["arch"]
     return family_of_repo(vlm["repo"])
 
 

@@ -52,7 +52,7 @@ def materialize_llm(source: dict, out_dir: Path, *, world_dirs: list[Path]) -> N
 
     summary = tiny.materialize_tiny_llm(
         out_dir,
-        arch=source["family"],
+        arch=source["arch"],
         corpus=text_corpus(world_dirs),
         seed=source["seed"],
         hidden_size=source["hidden_size"],
@@ -81,7 +81,7 @@ def materialize_hub_vlm(vlm: dict, out_dir: Path, *, text_model_dir: Path | None
     tiny transformers-native stand-in (``tiny``)."""
     if "tiny" in vlm:
         tiny.materialize_tiny_hub_vlm(
-            vlm["tiny"]["kind"],
+            vlm["tiny"]["arch"],
             out_dir,
             tokenizer_dir=text_model_dir,
             seed=vlm["tiny"]["seed"],
