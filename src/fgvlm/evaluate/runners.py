@@ -41,37 +41,61 @@ class LlavaRunner:
         answers = self.vlm.generate_ids(prompts, pixels, max_new_tokens)
         return [self.vlm.tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
 
+    def prompt_length(self, item: MCQItem) -> int:
+        """LM positions of the item's prompt, the image's patch tokens included: the key
+        ``fgvlm.evaluate.scoring`` sorts a part's batches by."""
+        image = 0 if item.image is None else self.vlm.vision.num_patches - 1
+        return len(self._prompt(item)) + image
+
     @torch.no_grad()
     def continuation_logprobs(
         self, items: list[MCQItem], continuations: list[list[str]]
     ) -> list[list[float]]:
-        prompts, conts, images = [], [], []
-        for item, texts in zip(items, continuations, strict=True):
-            prompt = self._prompt(item)
-            for text in texts:
-                prompts.append(prompt)
-                conts.append(answer_ids(self.vlm.template, self.vlm.tokenizer, text))
-                images.append(item.image)
-        scores = self.vlm.sequence_logprobs(prompts, conts, self.vlm.pixel_batch(images)).tolist()
-        out, start = [], 0
-        for texts in continuations:
-            out.append(scores[start : start + len(texts)])
-            start += len(texts)
-        return out
+        """Per item, the summed log-probability of each continuation after the prompt; each
+        prompt (image included) is encoded once and its KV cache shared by its continuations."""
+        prompts = [self._prompt(item) for item in items]
+        conts = [
+            [answer_ids(self.vlm.template, self.vlm.tokenizer, text) for text in texts]
+            for texts in continuations
+        ]
+        pixels = self.vlm.pixel_batch([item.image for item in items])
+        return self.vlm.shared_prefix_logprobs(prompts, conts, pixels)
 
 
-def load_runner(spec: dict, model_dir: Path, *, device: str = "cpu"):
+DTYPES = ("auto", "bfloat16", "float32")
+
+
+def eval_dtype(dtype: str, device: str) -> str | None:
+    """The dtype a model is evaluated in: ``evaluation.dtype`` resolved on ``device``.
+
+    ``auto``: bfloat16 on CUDA; on CPU None (float32 for our checkpoints, the checkpoint's own
+    dtype for released ones).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"evaluation dtype {dtype!r}: choose one of {DTYPES}")
+    if dtype == "auto":
+        return "bfloat16" if torch.device(device).type == "cuda" else None
+    return dtype
+
+
+def load_runner(spec: dict, model_dir: Path, *, device: str = "cpu", dtype: str = "auto"):
     """A runner for ``spec`` = {"kind": "trained"|"hub", "name", ...} with weights in ``model_dir``.
 
     Hub specs with ``trust_remote_code`` and a family of ``fgvlm.models.remote.FAMILIES``
     (InternVL2, Phi-3-vision, Molmo, CogVLM: each its own model API) load through
     ``fgvlm.evaluate.remote_runners``; every other hub spec through
-    ``fgvlm.evaluate.hub_runner``.
+    ``fgvlm.evaluate.hub_runner``. ``dtype``: ``evaluation.dtype`` (``eval_dtype``); on CUDA,
+    float32 matmuls left (our frozen vision tower) may use TF32.
     """
+    resolved = eval_dtype(dtype, device)
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if spec["kind"] == "trained":
         from fgvlm.models.vlm import load_vlm
 
-        return LlavaRunner(load_vlm(model_dir, device=device), spec["name"])
+        vlm = load_vlm(model_dir, device=device, dtype=getattr(torch, resolved or "float32"))
+        return LlavaRunner(vlm, spec["name"])
     if spec["kind"] == "hub":
         from fgvlm.models.remote import FAMILIES
 
@@ -83,7 +107,7 @@ def load_runner(spec: dict, model_dir: Path, *, device: str = "cpu"):
                 spec["family"],
                 trust_remote_code=True,
                 device=device,
-                dtype="bfloat16" if device == "cuda" else None,
+                dtype=resolved,
                 name=spec["name"],
                 processor_kwargs=spec.get("processor_kwargs"),
             )
@@ -93,7 +117,7 @@ def load_runner(spec: dict, model_dir: Path, *, device: str = "cpu"):
             model_dir,
             trust_remote_code=spec.get("trust_remote_code", False),
             device=device,
-            dtype="bfloat16" if device == "cuda" else None,
+            dtype=resolved,
             name=spec["name"],
             answer_prefix=ASSISTANT_PREFIX.get(spec["style"], ""),
         )
