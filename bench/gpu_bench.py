@@ -45,6 +45,7 @@ from PIL import Image
 from fgvlm.data.synthetic import generate_world
 from fgvlm.evaluate.hub_runner import HubVLM
 from fgvlm.evaluate.prompts import mcq_prompt
+from fgvlm.evaluate.runners import LlavaRunner
 from fgvlm.evaluate.scoring import agreement, score
 from fgvlm.mcq import FINE_GRAINED_QUESTION, MCQItem
 from fgvlm.models.templates import IGNORE_INDEX, IMAGE_TOKEN_ID, LLAVA_CHAT_TEMPLATE
@@ -366,16 +367,8 @@ def eval_model(
     )
 
     world = workdir / "world"
-    generate_world(
-        world, family="shapes", seed=0, image_size=32, train_per_class=2, test_per_class=2
-    )
-    tokenizer = train_tokenizer(world_corpus([world]), arch="llama")
-    tokenizer.add_special_tokens(
-        {"additional_special_tokens": [*CHAT_TOKENS, "<image>"]}, replace_extra_special_tokens=False
-    )
     shapes = dict(TINY_LLM if dry_run else LLAMA_7B)
-    # filler tokens up to the model's vocabulary: every id the model can emit decodes to text
-    tokenizer.add_tokens([f"<x{i}>" for i in range(shapes["vocab_size"] - len(tokenizer))])
+    tokenizer = bench_tokenizer(world, shapes["vocab_size"])
     shapes["vocab_size"] = len(tokenizer)
     image_size, patch = (32, 8) if dry_run else (336, 14)
     vision = CLIPVisionConfig(
@@ -420,6 +413,27 @@ def eval_model(
         num_additional_image_tokens=1,
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
+    return HubVLM(model, processor, name="llava-7b-shape-random"), bench_items(world, 0)
+
+
+def bench_tokenizer(world: Path, vocab_size: int):
+    """A small world's test images (written once) and a tokenizer trained on its text, with
+    the chat and image tokens and filler tokens up to ``vocab_size`` (so every id a random
+    model can emit decodes to text)."""
+    if not world.exists():
+        generate_world(
+            world, family="shapes", seed=0, image_size=32, train_per_class=2, test_per_class=2
+        )
+    tokenizer = train_tokenizer(world_corpus([world]), arch="llama")
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [*CHAT_TOKENS, "<image>"]}, replace_extra_special_tokens=False
+    )
+    tokenizer.add_tokens([f"<x{i}>" for i in range(vocab_size - len(tokenizer))])
+    return tokenizer
+
+
+def bench_items(world: Path, n: int) -> list[MCQItem]:
+    """5-option questions on the world's test images, repeated up to ``n`` (0: each once)."""
     rng = np.random.default_rng(0)
     names = json.loads((world / "classes.json").read_text())
     items = []
@@ -429,7 +443,69 @@ def eval_model(
         options = mcq_options(names, label, rng)
         prompt = mcq_prompt(FINE_GRAINED_QUESTION, options, style="llava")
         items.append(MCQItem(f"shapes-{i:04d}", rgb, prompt, options))
-    return HubVLM(model, processor, name="llava-7b-shape-random"), items
+    if n:
+        items = (items * (n // len(items) + 1))[:n]
+        items = [
+            MCQItem(f"q{i:05d}", it.image, it.prompt, it.options) for i, it in enumerate(items)
+        ]
+    return items
+
+
+def part_trained_eval(args: argparse.Namespace, device: torch.device, workdir: Path) -> dict:
+    """(c): the trained-row runner (``LlavaRunner`` on a ``LlavaVLM``: the ViT-L/14-336-shaped
+    tower, the connector, a random Llama of Vicuna-7B's shapes) in float32 (TF32 allowed, as
+    ``load_runner`` sets it) against bfloat16: batch 16 vs 1, option_likelihood with the shared
+    prefix vs full sequences, length-sorted vs item-order batches, and fp32 vs bf16 answers."""
+    from eval_batching import compare, compare_speedups, with_hints
+    from transformers import LlamaForCausalLM
+
+    world = workdir / "world"
+    tokenizer = bench_tokenizer(world, (TINY_LLM if args.dry_run_cpu else LLAMA_7B)["vocab_size"])
+    items = bench_items(world, args.questions)
+    shapes = dict(TINY_LLM if args.dry_run_cpu else LLAMA_7B, vocab_size=len(tokenizer))
+    clip_dir = clip_dir_for(workdir, args.dry_run_cpu)
+    torch.manual_seed(0)
+    vision = VisionTower(clip_dir)
+    config = llama_config(shapes, args.layers)
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    with torch.device(device):
+        llm = LlamaForCausalLM(config)
+        connector = Connector("mlp2x_gelu", vision.hidden_size, shapes["hidden_size"])
+    vlm = LlavaVLM(vision, connector, llm, tokenizer, "vicuna_v1").to(device).eval()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    batch, max_new = args.eval_batch, args.max_new_tokens
+    out: dict = {"model": f"LlavaVLM, random init, {args.layers} LM layers (Vicuna-7B shapes)"}
+    answers: dict[str, dict[str, list]] = {}
+    for dtype in ("float32", "bfloat16"):
+        vlm.connector.to(getattr(torch, dtype))
+        vlm.llm.to(getattr(torch, dtype))
+        runner = LlavaRunner(vlm, f"trained-{dtype}")
+        row = {
+            "batch16_vs_1": compare(runner, items, batch=batch, rounds=args.rounds, max_new=max_new)
+        }
+        sync(device)
+        row["speed_items"] = compare_speedups(
+            vlm, with_hints(items, seed=1), batch=batch, rounds=args.rounds, max_new=max_new
+        )
+        answers[dtype] = {
+            mode: [
+                r["pred"]
+                for r in score(runner, items, mode=mode, batch_size=batch, max_new_tokens=max_new)
+            ]
+            for mode in ("generate", "option_likelihood")
+        }
+        out[dtype] = row
+        print(f"trained-row eval {dtype}: done", file=sys.stderr)
+        if device.type == "cuda":
+            row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    out["fp32_vs_bf16_answer_agreement"] = {
+        mode: agreement(answers["float32"][mode], answers["bfloat16"][mode])
+        for mode in ("generate", "option_likelihood")
+    }
+    return out
 
 
 def part_eval(args: argparse.Namespace, device: torch.device, workdir: Path) -> dict:
@@ -529,6 +605,10 @@ def main(argv: list[str] | None = None) -> None:
         if not args.skip_eval:
             (workdir / "eval").mkdir()
             summary["evaluation"] = part_eval(args, device, workdir / "eval")
+            (workdir / "trained-eval").mkdir()
+            summary["trained_row_evaluation"] = part_trained_eval(
+                args, device, workdir / "trained-eval"
+            )
     summary["wall_s"] = round(time.perf_counter() - started, 1)
     text = json.dumps(summary, indent=2)
     print(text)

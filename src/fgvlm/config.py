@@ -470,6 +470,7 @@ def vlm_models(config: dict) -> dict[str, dict]:
     mode = evaluation["mode"]
     max_new = evaluation["max_new_tokens"]
     option_prompt = evaluation["option_prompt"]
+    dtype = evaluation["dtype"]  # bf16 and fp32 answers may differ: a change reruns evaluation
     models = {}
     for row in trained_rows(config):
         family = "qwen2_vl" if row["arch"] == "qwen2_vl" else evaluation["trained_family"]
@@ -481,6 +482,7 @@ def vlm_models(config: dict) -> dict[str, dict]:
             "mode": mode,
             "max_new_tokens": max_new,
             "option_prompt": option_prompt,
+            "dtype": dtype,
         }
     for key, vlm in config["hub_vlms"].items():
         models[f"hub-{key}"] = {
@@ -490,6 +492,7 @@ def vlm_models(config: dict) -> dict[str, dict]:
             "mode": vlm.get("mode", mode),
             "max_new_tokens": max_new,
             "option_prompt": option_prompt,
+            "dtype": dtype,
             "trust_remote_code": vlm["trust_remote_code"],
             **({"processor_kwargs": vlm["processor_kwargs"]} if "processor_kwargs" in vlm else {}),
         }

@@ -12,8 +12,10 @@ shards or a VLMEvalKit TSV) into items and answers.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from functools import partial
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -126,8 +128,15 @@ def load_runner(spec: dict, model_dir: Path, *, device: str = "cpu", dtype: str 
 
 def question_source(
     benchmark: dict, path: Path, questions_path: Path | None = None
-) -> tuple[Callable[[], Iterator[tuple[dict, Image.Image | None]]], dict[str, str], dict]:
-    """(a fresh-stream factory of (record, image), qid -> answer letter, counts) of a benchmark.
+) -> tuple[
+    Callable[[], Iterator[Any]],
+    Callable[[Any], tuple[dict, Image.Image]],
+    dict[str, str],
+    dict,
+]:
+    """(a fresh-stream factory of raw samples, the function decoding one into (record, RGB
+    image), qid -> answer letter, counts) of a benchmark. Both functions pickle, so that loader
+    workers can decode while the model runs.
 
     ``benchmark`` = {"kind": "questions"} for question shards at ``path`` (answers from the
     questions file), or {"kind": "vlmeval_tsv", "split": ...} for a VLMEvalKit TSV file
@@ -136,13 +145,14 @@ def question_source(
     if benchmark["kind"] == "questions":
         import polars as pl
 
-        from fgvlm.data.shards import iter_question_samples
+        from fgvlm.data.shards import decode_sample, iter_question_samples
 
         if questions_path is None:
             raise ValueError("question shards need their questions file for the answer key")
         key = pl.read_parquet(questions_path, columns=["qid", "answer"])
         answers = dict(zip(key["qid"].to_list(), key["answer"].to_list(), strict=True))
-        return (lambda: iter_question_samples(path)), answers, {"questions": len(answers)}
+        raw = partial(iter_question_samples, path, decode=False)
+        return raw, decode_sample, answers, {"questions": len(answers)}
     if benchmark["kind"] == "vlmeval_tsv":
         from fgvlm.data.vlmeval import scan_vlmeval_tsv
 
@@ -153,11 +163,10 @@ def question_source(
             "groups": {r["qid"]: r["group"] for r in records if r["group"] != r["qid"]},
             "categories": {r["qid"]: str(r.get("category") or "") for r in records},
         }
-
-        def stream() -> Iterator[tuple[dict, Image.Image]]:
-            for record in records:
-                with Image.open(BytesIO(record["image"])) as image:
-                    yield record, image.convert("RGB")
-
-        return stream, answers, counts
+        return partial(iter, records), _decode_tsv_record, answers, counts
     raise ValueError(f"benchmark kind {benchmark['kind']!r} is not supported")
+
+
+def _decode_tsv_record(record: dict) -> tuple[dict, Image.Image]:
+    with Image.open(BytesIO(record["image"])) as image:
+        return record, image.convert("RGB")
