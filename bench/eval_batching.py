@@ -170,6 +170,11 @@ def compare_speedups(vlm, items: list[MCQItem], *, batch: int, rounds: int, max_
         "generate_sorted_output_agreement": agreement(
             [r["output"] for r in rows["sorted"]], [r["output"] for r in rows["unsorted"]]
         ),
+        "generate_sorted_disagreements": [
+            a["qid"]
+            for a, b in zip(rows["sorted"], rows["unsorted"], strict=True)
+            if a["output"] != b["output"]
+        ],
         "padding_fraction": {
             "sorted": padding_fraction(shared, items, batch, True),
             "unsorted": padding_fraction(shared, items, batch, False),

@@ -3,7 +3,7 @@
     python bench/gpu_bench.py [--layers 4] [--out result.json]      (needs a CUDA GPU)
     python bench/gpu_bench.py --dry-run-cpu                         (tiny shapes, CPU, no GPU)
 
-One prepared run, two parts; random weights, no network, nothing but this repository.
+One prepared run, three parts; random weights, no network, nothing but this repository.
 
 (a) Training. A ``LlavaVLM``: a frozen open_clip ViT-L/14-336 tower (24 layers, 576 patch
     tokens, random init, ``materialize_random_clip``), the ``mlp2x_gelu`` connector, and a
@@ -20,6 +20,14 @@ One prepared run, two parts; random weights, no network, nothing but this reposi
     tower and LM shapes, random init, bf16) behind ``HubVLM``: ``score(..., mode="generate")``
     with batch ``--eval-batch`` (left padding) against batch 1 (VLMEvalKit's way):
     questions/s of each, their ratio, and the agreement of answers and raw outputs.
+
+(c) Trained-row evaluation. ``LlavaRunner`` on a ``LlavaVLM`` of (a)'s shapes (random
+    weights), in float32 (TF32 allowed, as ``load_runner`` sets on CUDA) and then bfloat16
+    (``evaluation.dtype: auto`` on GPU): batch ``--eval-batch`` vs 1 (speed, answers),
+    ``option_likelihood`` with the shared prompt pass vs one full sequence per option (speed,
+    largest score difference), length-sorted vs item-order batches on prompts half of which
+    carry a hint (speed, padding fraction, differing outputs by qid), and the agreement of fp32
+    and bf16 answers in both modes.
 
 Peak bf16 FLOP/s come from ``PEAK_BF16_TFLOPS`` by device name (dense, without sparsity;
 vendor data sheets), or ``--peak-tflops``. Prints JSON (and writes it to ``--out``).
@@ -42,7 +50,7 @@ import torch
 from _assets import TINY_CLIP_CONFIG, machine, mcq_options, world_test_images
 from PIL import Image
 
-from fgvlm.data.synthetic import generate_world
+from fgvlm.data.synthetic import generate_world, text_corpus
 from fgvlm.evaluate.hub_runner import HubVLM
 from fgvlm.evaluate.prompts import mcq_prompt
 from fgvlm.evaluate.runners import LlavaRunner
@@ -51,7 +59,6 @@ from fgvlm.mcq import FINE_GRAINED_QUESTION, MCQItem
 from fgvlm.models.templates import IGNORE_INDEX, IMAGE_TOKEN_ID, LLAVA_CHAT_TEMPLATE
 from fgvlm.models.tiny import CHAT_TOKENS, materialize_random_clip, train_tokenizer
 from fgvlm.models.vlm import Connector, LlavaVLM, VisionTower
-from fgvlm.stages import world_corpus
 from fgvlm.training.loop import train
 from fgvlm.training.recipe import Recipe, make_plan
 
@@ -424,7 +431,7 @@ def bench_tokenizer(world: Path, vocab_size: int):
         generate_world(
             world, family="shapes", seed=0, image_size=32, train_per_class=2, test_per_class=2
         )
-    tokenizer = train_tokenizer(world_corpus([world]), arch="llama")
+    tokenizer = train_tokenizer(text_corpus([world]), arch="llama")
     tokenizer.add_special_tokens(
         {"additional_special_tokens": [*CHAT_TOKENS, "<image>"]}, replace_extra_special_tokens=False
     )
@@ -484,7 +491,9 @@ def part_trained_eval(args: argparse.Namespace, device: torch.device, workdir: P
         vlm.llm.to(getattr(torch, dtype))
         runner = LlavaRunner(vlm, f"trained-{dtype}")
         row = {
-            "batch16_vs_1": compare(runner, items, batch=batch, rounds=args.rounds, max_new=max_new)
+            f"batch{batch}_vs_1": compare(
+                runner, items, batch=batch, rounds=args.rounds, max_new=max_new
+            )
         }
         sync(device)
         row["speed_items"] = compare_speedups(

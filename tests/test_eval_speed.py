@@ -85,8 +85,10 @@ def test_evaluation_dtype_resolves_per_device():
         eval_dtype("float16", "cpu")
 
 
-@pytest.mark.parametrize("mode", ["option_likelihood", "generate"])
-def test_bf16_and_fp32_answers_agree_on_the_demo(demo, mode):
+def test_bf16_and_fp32_answers_agree_on_the_demo(demo):
+    """The demo's scoring mode; generate's answers are compared by the GPU benchmark (CPU
+    bf16 generation is slow)."""
+    mode = "option_likelihood"
     spec = {"kind": "trained", "name": "demo-row"}
     runs = {}
     for dtype in ("float32", "bfloat16"):
@@ -96,15 +98,14 @@ def test_bf16_and_fp32_answers_agree_on_the_demo(demo, mode):
     preds = {dtype: [row["pred"] for row in rows] for dtype, rows in runs.items()}
     assert len(preds["float32"]) >= 100
     assert agreement(preds["float32"], preds["bfloat16"]) >= 0.99
-    if mode == "option_likelihood":  # bf16 did run: its scores are rounded, not equal
-        fp32 = np.array([row["scores"] for row in runs["float32"]])
-        bf16 = np.array([row["scores"] for row in runs["bfloat16"]])
-        assert np.abs(fp32 - bf16).max() > 0
+    fp32 = np.array([row["scores"] for row in runs["float32"]])
+    bf16 = np.array([row["scores"] for row in runs["bfloat16"]])
+    assert np.abs(fp32 - bf16).max() > 0  # bf16 did run: its scores are rounded, not equal
 
 
 def test_batch_16_answers_equal_batch_1_in_fp32(demo):
     runner = load_runner({"kind": "trained", "name": "demo-row"}, demo["model"], dtype="float32")
-    items = demo["items"][:40]
+    items = demo["items"][::4]
     for mode in ("option_likelihood", "generate"):
         one = score(runner, items, mode=mode, batch_size=1, max_new_tokens=4)
         many = score(runner, items, mode=mode, batch_size=16, max_new_tokens=4)

@@ -173,7 +173,7 @@ class HubVLM:
         longest = max(len(cont) for cont in continuations)
         if longest == 1:
             return scores
-        cache = out.past_key_values
+        cache = out.cache if "cache" in out else out.past_key_values  # renamed in 5.25
         cache.batch_repeat_interleave(len(continuations))
         pad = self.tokenizer.pad_token_id
         feed = torch.tensor(

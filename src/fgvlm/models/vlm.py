@@ -399,7 +399,7 @@ class LlavaVLM(nn.Module):
         longest = max(len(cont) for cont in flat)
         if longest > 1:
             # each continuation but its last token is fed after its prompt's cached keys
-            cache = out.past_key_values
+            cache = out.cache if "cache" in out else out.past_key_values  # renamed in 5.25
             cache.reorder_cache(index.to(self.device))  # prompt rows -> one per continuation
             feed, _ = _pad_rows([cont[:-1] for cont in flat], self.pad_token_id, side="right")
             feed = feed[:, : longest - 1].to(self.device)
