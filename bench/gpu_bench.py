@@ -3,7 +3,7 @@
     python bench/gpu_bench.py [--layers 4] [--out result.json]      (needs a CUDA GPU)
     python bench/gpu_bench.py --dry-run-cpu                         (tiny shapes, CPU, no GPU)
 
-One prepared run, two parts; random weights, no network, nothing but this repository.
+One prepared run, three parts; random weights, no network, nothing but this repository.
 
 (a) Training. A ``LlavaVLM``: a frozen open_clip ViT-L/14-336 tower (24 layers, 576 patch
     tokens, random init, ``materialize_random_clip``), the ``mlp2x_gelu`` connector, and a
@@ -20,6 +20,14 @@ One prepared run, two parts; random weights, no network, nothing but this reposi
     tower and LM shapes, random init, bf16) behind ``HubVLM``: ``score(..., mode="generate")``
     with batch ``--eval-batch`` (left padding) against batch 1 (VLMEvalKit's way):
     questions/s of each, their ratio, and the agreement of answers and raw outputs.
+
+(c) Trained-row evaluation. ``LlavaRunner`` on a ``LlavaVLM`` of (a)'s shapes (random
+    weights), in float32 (TF32 allowed, as ``load_runner`` sets on CUDA) and then bfloat16
+    (``evaluation.dtype: auto`` on GPU): batch ``--eval-batch`` vs 1 (speed, answers),
+    ``option_likelihood`` with the shared prompt pass vs one full sequence per option (speed,
+    largest score difference), length-sorted vs item-order batches on prompts half of which
+    carry a hint (speed, padding fraction, differing outputs by qid), and the agreement of fp32
+    and bf16 answers in both modes.
 
 Peak bf16 FLOP/s come from ``PEAK_BF16_TFLOPS`` by device name (dense, without sparsity;
 vendor data sheets), or ``--peak-tflops``. Prints JSON (and writes it to ``--out``).
@@ -42,15 +50,15 @@ import torch
 from _assets import TINY_CLIP_CONFIG, machine, mcq_options, world_test_images
 from PIL import Image
 
-from fgvlm.data.synthetic import generate_world
+from fgvlm.data.synthetic import generate_world, text_corpus
 from fgvlm.evaluate.hub_runner import HubVLM
 from fgvlm.evaluate.prompts import mcq_prompt
+from fgvlm.evaluate.runners import LlavaRunner
 from fgvlm.evaluate.scoring import agreement, score
 from fgvlm.mcq import FINE_GRAINED_QUESTION, MCQItem
 from fgvlm.models.templates import IGNORE_INDEX, IMAGE_TOKEN_ID, LLAVA_CHAT_TEMPLATE
 from fgvlm.models.tiny import CHAT_TOKENS, materialize_random_clip, train_tokenizer
 from fgvlm.models.vlm import Connector, LlavaVLM, VisionTower
-from fgvlm.stages import world_corpus
 from fgvlm.training.loop import train
 from fgvlm.training.recipe import Recipe, make_plan
 
@@ -366,16 +374,8 @@ def eval_model(
     )
 
     world = workdir / "world"
-    generate_world(
-        world, family="shapes", seed=0, image_size=32, train_per_class=2, test_per_class=2
-    )
-    tokenizer = train_tokenizer(world_corpus([world]), arch="llama")
-    tokenizer.add_special_tokens(
-        {"additional_special_tokens": [*CHAT_TOKENS, "<image>"]}, replace_extra_special_tokens=False
-    )
     shapes = dict(TINY_LLM if dry_run else LLAMA_7B)
-    # filler tokens up to the model's vocabulary: every id the model can emit decodes to text
-    tokenizer.add_tokens([f"<x{i}>" for i in range(shapes["vocab_size"] - len(tokenizer))])
+    tokenizer = bench_tokenizer(world, shapes["vocab_size"])
     shapes["vocab_size"] = len(tokenizer)
     image_size, patch = (32, 8) if dry_run else (336, 14)
     vision = CLIPVisionConfig(
@@ -420,6 +420,27 @@ def eval_model(
         num_additional_image_tokens=1,
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
+    return HubVLM(model, processor, name="llava-7b-shape-random"), bench_items(world, 0)
+
+
+def bench_tokenizer(world: Path, vocab_size: int):
+    """A small world's test images (written once) and a tokenizer trained on its text, with
+    the chat and image tokens and filler tokens up to ``vocab_size`` (so every id a random
+    model can emit decodes to text)."""
+    if not world.exists():
+        generate_world(
+            world, family="shapes", seed=0, image_size=32, train_per_class=2, test_per_class=2
+        )
+    tokenizer = train_tokenizer(text_corpus([world]), arch="llama")
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [*CHAT_TOKENS, "<image>"]}, replace_extra_special_tokens=False
+    )
+    tokenizer.add_tokens([f"<x{i}>" for i in range(vocab_size - len(tokenizer))])
+    return tokenizer
+
+
+def bench_items(world: Path, n: int) -> list[MCQItem]:
+    """5-option questions on the world's test images, repeated up to ``n`` (0: each once)."""
     rng = np.random.default_rng(0)
     names = json.loads((world / "classes.json").read_text())
     items = []
@@ -429,7 +450,71 @@ def eval_model(
         options = mcq_options(names, label, rng)
         prompt = mcq_prompt(FINE_GRAINED_QUESTION, options, style="llava")
         items.append(MCQItem(f"shapes-{i:04d}", rgb, prompt, options))
-    return HubVLM(model, processor, name="llava-7b-shape-random"), items
+    if n:
+        items = (items * (n // len(items) + 1))[:n]
+        items = [
+            MCQItem(f"q{i:05d}", it.image, it.prompt, it.options) for i, it in enumerate(items)
+        ]
+    return items
+
+
+def part_trained_eval(args: argparse.Namespace, device: torch.device, workdir: Path) -> dict:
+    """(c): the trained-row runner (``LlavaRunner`` on a ``LlavaVLM``: the ViT-L/14-336-shaped
+    tower, the connector, a random Llama of Vicuna-7B's shapes) in float32 (TF32 allowed, as
+    ``load_runner`` sets it) against bfloat16: batch 16 vs 1, option_likelihood with the shared
+    prefix vs full sequences, length-sorted vs item-order batches, and fp32 vs bf16 answers."""
+    from eval_batching import compare, compare_speedups, with_hints
+    from transformers import LlamaForCausalLM
+
+    world = workdir / "world"
+    tokenizer = bench_tokenizer(world, (TINY_LLM if args.dry_run_cpu else LLAMA_7B)["vocab_size"])
+    items = bench_items(world, args.questions)
+    shapes = dict(TINY_LLM if args.dry_run_cpu else LLAMA_7B, vocab_size=len(tokenizer))
+    clip_dir = clip_dir_for(workdir, args.dry_run_cpu)
+    torch.manual_seed(0)
+    vision = VisionTower(clip_dir)
+    config = llama_config(shapes, args.layers)
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    with torch.device(device):
+        llm = LlamaForCausalLM(config)
+        connector = Connector("mlp2x_gelu", vision.hidden_size, shapes["hidden_size"])
+    vlm = LlavaVLM(vision, connector, llm, tokenizer, "vicuna_v1").to(device).eval()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    batch, max_new = args.eval_batch, args.max_new_tokens
+    out: dict = {"model": f"LlavaVLM, random init, {args.layers} LM layers (Vicuna-7B shapes)"}
+    answers: dict[str, dict[str, list]] = {}
+    for dtype in ("float32", "bfloat16"):
+        vlm.connector.to(getattr(torch, dtype))
+        vlm.llm.to(getattr(torch, dtype))
+        runner = LlavaRunner(vlm, f"trained-{dtype}")
+        row = {
+            f"batch{batch}_vs_1": compare(
+                runner, items, batch=batch, rounds=args.rounds, max_new=max_new
+            )
+        }
+        sync(device)
+        row["speed_items"] = compare_speedups(
+            vlm, with_hints(items, seed=1), batch=batch, rounds=args.rounds, max_new=max_new
+        )
+        answers[dtype] = {
+            mode: [
+                r["pred"]
+                for r in score(runner, items, mode=mode, batch_size=batch, max_new_tokens=max_new)
+            ]
+            for mode in ("generate", "option_likelihood")
+        }
+        out[dtype] = row
+        print(f"trained-row eval {dtype}: done", file=sys.stderr)
+        if device.type == "cuda":
+            row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    out["fp32_vs_bf16_answer_agreement"] = {
+        mode: agreement(answers["float32"][mode], answers["bfloat16"][mode])
+        for mode in ("generate", "option_likelihood")
+    }
+    return out
 
 
 def part_eval(args: argparse.Namespace, device: torch.device, workdir: Path) -> dict:
@@ -529,6 +614,10 @@ def main(argv: list[str] | None = None) -> None:
         if not args.skip_eval:
             (workdir / "eval").mkdir()
             summary["evaluation"] = part_eval(args, device, workdir / "eval")
+            (workdir / "trained-eval").mkdir()
+            summary["trained_row_evaluation"] = part_trained_eval(
+                args, device, workdir / "trained-eval"
+            )
     summary["wall_s"] = round(time.perf_counter() - started, 1)
     text = json.dumps(summary, indent=2)
     print(text)

@@ -147,7 +147,8 @@ def test_killed_evaluation_resumes_without_recomputing_finished_parts(tmp_path):
     rerun = FakeModel()
     counts = score_to_parts(rerun, items, parts, **settings)
     assert counts == {"parts": 3, "computed": 1, "reused": 2}
-    assert rerun.calls == [["q-008", "q-009"], ["q-010"]]
+    # within the part, the longest prompt ("question 10") is batched first
+    assert rerun.calls == [["q-010", "q-008"], ["q-009"]]
     assert {p: parts.joinpath(p).stat().st_mtime_ns for p in stamps} == stamps
     resumed = merge_parts(parts, answers_of(items))
     assert resumed.equals(expected)
@@ -287,3 +288,38 @@ def test_part_schema_holds_nulls(tmp_path):
     score_to_parts(FakeModel(), items, tmp_path, mode="generate", batch_size=1, part_size=1)
     part = pl.read_parquet(part_path(tmp_path, 0))
     assert part.schema == pl.Schema(scoring.PART_SCHEMA)
+
+
+class LengthModel(FakeModel):
+    """A fake runner whose prompt length (image tokens included) it reports itself."""
+
+    def prompt_length(self, item):
+        return {"q-001": 50, "q-004": 40}.get(item.qid, len(item.prompt))
+
+
+def test_batches_are_sorted_by_prompt_length_and_rows_keep_item_order(tmp_path):
+    items = make_items(7)
+    model = LengthModel()
+    rows = score(model, items, mode="option_likelihood", batch_size=3)
+    assert [r["qid"] for r in rows] == [item.qid for item in items]
+    assert model.calls == [["q-001", "q-004", "q-000"], ["q-002", "q-003", "q-005"], ["q-006"]]
+    unsorted = FakeModel()
+    same = score(unsorted, items, mode="option_likelihood", batch_size=3, sort_by_length=False)
+    assert unsorted.calls[0] == ["q-000", "q-001", "q-002"]
+    assert same == rows
+    # in parts: sorted within a part only, written in item order, resumed identically
+    parts = LengthModel()
+    score_to_parts(parts, items, tmp_path, mode="generate", batch_size=2, part_size=4)
+    assert parts.calls == [["q-001", "q-000"], ["q-002", "q-003"], ["q-004", "q-005"], ["q-006"]]
+    written = pl.read_parquet(part_path(tmp_path, 0))["qid"].to_list()
+    assert written == ["q-000", "q-001", "q-002", "q-003"]
+
+
+def test_option_likelihood_sorts_by_the_prompt_it_asks():
+    """option_likelihood asks the cloze prompt: the sort key measures that prompt."""
+    items = [
+        MCQItem("q-000", None, "long listed prompt " * 5, OPTIONS, cloze_prompt="short"),
+        MCQItem("q-001", None, "listed", OPTIONS, cloze_prompt="a much longer cloze prompt"),
+    ]
+    assert scoring.length_order(FakeModel(), items, "option_likelihood") == [1, 0]
+    assert scoring.length_order(FakeModel(), items, "generate") == [0, 1]

@@ -371,6 +371,41 @@ def test_sequence_logprobs_match_the_training_loss(vlm):
     torch.testing.assert_close(-scores[1] / len(options[1]), loss)
 
 
+def test_shared_prefix_logprobs_equal_full_sequence_scores(vlm):
+    """Prompts of different lengths (one text-only), unequal option counts and lengths: each
+    prompt encoded once with its KV cache shared gives the full-sequence scores."""
+    prompts = [
+        prompt_ids("vicuna_v1", vlm.tokenizer, "<image>\nWhat is this?"),
+        prompt_ids("vicuna_v1", vlm.tokenizer, "Name a shape in one word, please."),
+        prompt_ids("vicuna_v1", vlm.tokenizer, "<image>\nWhat shape and colour is this, exactly?"),
+    ]
+    texts = [[f"It is a {n}." for n in NAMES], ["A", "circle", "It is a navy hexagon."], NAMES]
+    conts = [[answer_ids("vicuna_v1", vlm.tokenizer, t) for t in row] for row in texts]
+    pictures = images(2, seed=3)
+    rows = [pictures[0], None, pictures[1]]
+    shared = vlm.shared_prefix_logprobs(prompts, conts, vlm.pixel_batch(rows))
+    for prompt, options, picture, got in zip(prompts, conts, rows, shared, strict=True):
+        pixels = None if picture is None else vlm.pixel_batch([picture] * len(options))
+        full = vlm.sequence_logprobs([prompt] * len(options), options, pixels)
+        np.testing.assert_allclose(got, full.numpy(), atol=1e-5, rtol=0)
+    assert len({len(c) for row in conts for c in row}) > 2  # continuations do differ in length
+    with pytest.raises(ValueError, match="at least one token"):
+        vlm.shared_prefix_logprobs(prompts[:1], [[[]]], None)
+
+
+def test_load_vlm_casts_to_the_evaluation_dtype(dirs, vlm, tmp_path):
+    save_vlm(vlm, tmp_path / "saved")
+    half = load_vlm(tmp_path / "saved", dtype=torch.bfloat16)
+    assert {p.dtype for p in half.llm.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in half.connector.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in half.vision.parameters()} == {torch.float32}  # TF32 on GPU
+    prompt = prompt_ids("vicuna_v1", half.tokenizer, "<image>\nWhat is this?")
+    option = answer_ids("vicuna_v1", half.tokenizer, "It is a red circle.")
+    pixels = half.pixel_batch(images(1))
+    score = half.shared_prefix_logprobs([prompt], [[option]], pixels)[0][0]
+    assert np.isfinite(score) and score < 0
+
+
 # --- a tiny end-to-end training run ---------------------------------------------------------
 
 

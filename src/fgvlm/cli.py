@@ -189,6 +189,7 @@ def cmd_eval_vlm(args: argparse.Namespace, cfg: dict) -> None:
         parts_dir=paths.PARTS.format(model=args.model, vlm_benchmark=args.benchmark),
         batch_size=evaluation["batch_size"],
         part_size=evaluation["part_size"],
+        loader_workers=evaluation["loader_workers"],
         device=study.device_of(cfg),
     )
     print(

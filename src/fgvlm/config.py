@@ -572,6 +572,7 @@ def vlm_models(config: dict) -> dict[str, dict]:
     mode = evaluation["mode"]
     max_new = evaluation["max_new_tokens"]
     option_prompt = evaluation["option_prompt"]
+    dtype = evaluation["dtype"]  # bf16 and fp32 answers may differ: a change reruns evaluation
     models = {}
     for row in trained_rows(config):
         # every trained row, the Qwen2-VL one too, is asked in LLaVA's evaluation wording
@@ -583,6 +584,7 @@ def vlm_models(config: dict) -> dict[str, dict]:
             "mode": mode,
             "max_new_tokens": max_new,
             "option_prompt": option_prompt,
+            "dtype": dtype,
         }
     for key, vlm in config["hub_vlms"].items():
         image = dict(vlm.get("image") or {})
@@ -596,6 +598,7 @@ def vlm_models(config: dict) -> dict[str, dict]:
             "mode": vlm.get("mode", mode),
             "max_new_tokens": (vlm.get("generation") or {}).get("max_new_tokens", max_new),
             "option_prompt": option_prompt,
+            "dtype": dtype,
             "trust_remote_code": vlm["trust_remote_code"],
             "system_prompt": vlm["system_prompt"],
             "prompt": dict(vlm.get("prompt") or {}),

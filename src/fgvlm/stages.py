@@ -255,6 +255,7 @@ def eval_vlm(
     batch_size: int,
     part_size: int,
     device: str,
+    loader_workers: int = 0,
 ) -> dict:
     """One VLM on one benchmark (``fgvlm.config.vlm_eval_spec``), resumable in parts."""
     from fgvlm.evaluate.run import evaluate_vlm
@@ -268,6 +269,7 @@ def eval_vlm(
         batch_size=batch_size,
         part_size=part_size,
         device=device,
+        loader_workers=loader_workers,
     )
     io.write_parquet(frame, predictions)
     io.write_json(per_class, details)

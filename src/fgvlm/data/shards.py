@@ -178,17 +178,19 @@ def _check_rank(rank: int, world_size: int) -> None:
 
 
 def iter_question_samples(
-    shard_dir: Path, *, rank: int = 0, world_size: int = 1
-) -> Iterator[tuple[dict[str, Any], Image.Image]]:
+    shard_dir: Path, *, rank: int = 0, world_size: int = 1, decode: bool = True
+) -> Iterator[Any]:
     """Yield (question record, RGB image) of the shards of ``rank``: shard i goes to rank i % size.
 
     Single-process and in shard order, for evaluation jobs that split a benchmark by shard; a rank
     with no shard yields nothing, so the ranks together still see every sample exactly once.
+    ``decode=False`` yields the raw samples instead (``decode_sample`` decodes one), for
+    decoding in loader workers.
     """
     _check_rank(rank, world_size)
     for url in shard_urls(shard_dir)[rank::world_size]:
         for sample in _tar_samples(url):
-            yield decode_sample(sample)
+            yield decode_sample(sample) if decode else sample
 
 
 def _resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:

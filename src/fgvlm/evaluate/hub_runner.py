@@ -2,7 +2,8 @@
 
 ``HubVLM`` wraps a model and processor of ``fgvlm.models.hub.load_hub_model``: prompts go
 through the processor's own chat template, generation is batched and greedy with left padding,
-and continuation log-probabilities come from one forward pass with the continuation appended.
+and continuation log-probabilities come from the prompt's forward pass (one token each) or from
+the prompt's KV cache shared by the item's continuations.
 ``load_hub_vlm`` loads a local model folder into one.
 """
 
@@ -55,7 +56,10 @@ class HubVLM:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token  # Llama-style tokenizers lack one
         self.name = name
-        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        forward_args = inspect.signature(model.forward).parameters
+        self._keeps_logits = "logits_to_keep" in forward_args
+        # transformers >= 5.25 names the KV cache argument ``cache`` (``past_key_values`` before)
+        self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
         # image/video placeholders are input-only: generated, they would stand for no features
         self.placeholder_ids = sorted(
             {
@@ -126,6 +130,20 @@ class HubVLM:
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [text.strip() for text in texts]
 
+    def prompt_length(self, item: MCQItem) -> int:
+        """Tokens of the item's encoded prompt, image tokens included (Qwen2-VL's dynamic
+        resolution, LLaVA-NeXT's anyres tiles): the key ``fgvlm.evaluate.scoring`` sorts a
+        part's batches by. From the processor's token count where it has one, else by encoding."""
+        text = self.tokenizer(self.chat_prompt(item), add_special_tokens=False)["input_ids"]
+        if item.image is None:
+            return len(text)
+        count = getattr(self.processor, "_get_num_multimodal_tokens", None)
+        try:
+            tokens = count(image_sizes=[(item.image.height, item.image.width)]).num_image_tokens
+            return len(text) - 1 + int(tokens[0])
+        except Exception:  # a processor without (a working) token count: measure it
+            return int(self.encode([item])["input_ids"].shape[1])
+
     def continuation_ids(self, item: MCQItem, text: str) -> list[int]:
         """Token ids of ``text`` as the model would write it after the prompt."""
         return continuation_token_ids(self.tokenizer, text, item.qid)
@@ -136,9 +154,10 @@ class HubVLM:
     ) -> list[list[float]]:
         """Per item, the summed log-probability of each continuation right after the prompt.
 
-        Items whose continuations are all single tokens (option letters) take one forward pass
-        of the prompt; the others one pass per continuation index. Which path an item takes
-        depends on the item alone, never on its batch.
+        Items whose continuations are all single tokens (option letters) take one batched
+        forward pass of their prompts. Every other item runs its prompt (image included) once,
+        unpadded, and its continuations together after the prompt's repeated KV cache. Which
+        path an item takes depends on the item alone, never on its batch.
         """
         if len(items) != len(continuations):
             raise ValueError(f"{len(items)} items but {len(continuations)} continuation lists")
@@ -148,22 +167,46 @@ class HubVLM:
         ]
         results: list[list[float]] = [[] for _ in items]
         single = [i for i, rows in enumerate(ids) if all(len(r) == 1 for r in rows)]
-        multi = [i for i in range(len(items)) if i not in set(single)]
         if single:
             encoded = self.encode([items[i] for i in single])
             logps = self._answer_logprobs(encoded, [[] for _ in single])
             for logp, i in zip(logps, single, strict=True):
                 results[i] = [float(logp[0, r[0]]) for r in ids[i]]
-        if multi:
-            encoded = self.encode([items[i] for i in multi])
-            for j in range(max(len(ids[i]) for i in multi)):
-                # an item with fewer continuations repeats its first one; that score is dropped
-                conts = [ids[i][j] if j < len(ids[i]) else ids[i][0] for i in multi]
-                logps = self._answer_logprobs(encoded, conts)
-                for logp, cont, i in zip(logps, conts, multi, strict=True):
-                    if j < len(ids[i]):
-                        results[i].append(float(logp[torch.arange(len(cont)), cont].sum()))
+        for i in sorted(set(range(len(items))) - set(single)):
+            results[i] = self._shared_prefix_scores(items[i], ids[i])
         return results
+
+    def _shared_prefix_scores(self, item: MCQItem, continuations: list[list[int]]) -> list[float]:
+        """Summed log-probs of ``continuations`` after the item's prompt: the prompt in one
+        cached pass, then every continuation but its last token in one pass of
+        ``len(continuations)`` rows after the cache, right-padded (padding after a row's real
+        tokens cannot change them: attention is causal)."""
+        encoded = self.encode([item])
+        inner = getattr(self.model, "model", None)
+        if hasattr(inner, "rope_deltas"):
+            inner.rope_deltas = None  # Qwen2-VL: M-RoPE offsets of the previous prompt
+        kwargs: dict[str, Any] = {"use_cache": True}
+        if self._keeps_logits:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(**encoded, **kwargs)
+        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1).cpu()
+        scores = [float(first[cont[0]]) for cont in continuations]
+        longest = max(len(cont) for cont in continuations)
+        if longest == 1:
+            return scores
+        cache = out.cache if "cache" in out else out.past_key_values  # renamed in 5.25
+        cache.batch_repeat_interleave(len(continuations))
+        pad = self.tokenizer.pad_token_id
+        feed = torch.tensor(
+            [cont[:-1] + [pad] * (longest - len(cont)) for cont in continuations],
+            device=self.device,
+        )
+        cached = {self._cache_arg: cache}
+        logits = self.model(input_ids=feed, use_cache=True, **cached).logits
+        logps = torch.log_softmax(logits.float(), dim=-1).cpu()
+        for row, cont in enumerate(continuations):
+            scores[row] += float(logps[row, torch.arange(len(cont) - 1), cont[1:]].sum())
+        return scores
 
     def _answer_logprobs(self, encoded: Any, continuations: list[list[int]]) -> list[torch.Tensor]:
         """Next-token log-probs [max(1, len(continuation)), vocab] (float32, CPU) per row, at

@@ -23,7 +23,10 @@ evaluates them (§3.3, Appendix B). One adapter per family:
 Per-item loops make answers independent of the batch size by construction; InternVL2's
 batched path relies on left padding as ``HubVLM`` does. ``continuation_logprobs`` runs, per
 item, one forward pass over the prompt with each continuation appended (right-padded rows);
-when every continuation is a single token (option letters) the prompt alone is enough.
+when every continuation is a single token (option letters) the prompt alone is enough. The
+prompt is not cached and shared as in ``HubVLM``: each family's own forward takes its image
+inputs (InternVL2's ``image_flags``, CogVLM's ``token_type_ids``, Molmo's ``image_input_idx``)
+in its own way, and a prompt repeated per option is what its code is known to support.
 
 ``load_remote_vlm`` loads a folder (``fgvlm.models.remote.load_remote_model``, which refuses
 unless the config opts the model in to running its code) into its family's adapter.

@@ -12,8 +12,10 @@ shards or a VLMEvalKit TSV) into items and answers.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from functools import partial
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -41,37 +43,61 @@ class LlavaRunner:
         answers = self.vlm.generate_ids(prompts, pixels, max_new_tokens)
         return [self.vlm.tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
 
+    def prompt_length(self, item: MCQItem) -> int:
+        """LM positions of the item's prompt, the image's patch tokens included: the key
+        ``fgvlm.evaluate.scoring`` sorts a part's batches by."""
+        image = 0 if item.image is None else self.vlm.vision.num_patches - 1
+        return len(self._prompt(item)) + image
+
     @torch.no_grad()
     def continuation_logprobs(
         self, items: list[MCQItem], continuations: list[list[str]]
     ) -> list[list[float]]:
-        prompts, conts, images = [], [], []
-        for item, texts in zip(items, continuations, strict=True):
-            prompt = self._prompt(item)
-            for text in texts:
-                prompts.append(prompt)
-                conts.append(answer_ids(self.vlm.template, self.vlm.tokenizer, text))
-                images.append(item.image)
-        scores = self.vlm.sequence_logprobs(prompts, conts, self.vlm.pixel_batch(images)).tolist()
-        out, start = [], 0
-        for texts in continuations:
-            out.append(scores[start : start + len(texts)])
-            start += len(texts)
-        return out
+        """Per item, the summed log-probability of each continuation after the prompt; each
+        prompt (image included) is encoded once and its KV cache shared by its continuations."""
+        prompts = [self._prompt(item) for item in items]
+        conts = [
+            [answer_ids(self.vlm.template, self.vlm.tokenizer, text) for text in texts]
+            for texts in continuations
+        ]
+        pixels = self.vlm.pixel_batch([item.image for item in items])
+        return self.vlm.shared_prefix_logprobs(prompts, conts, pixels)
 
 
-def load_runner(spec: dict, model_dir: Path, *, device: str = "cpu"):
+DTYPES = ("auto", "bfloat16", "float32")
+
+
+def eval_dtype(dtype: str, device: str) -> str | None:
+    """The dtype a model is evaluated in: ``evaluation.dtype`` resolved on ``device``.
+
+    ``auto``: bfloat16 on CUDA; on CPU None (float32 for our checkpoints, the checkpoint's own
+    dtype for released ones).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"evaluation dtype {dtype!r}: choose one of {DTYPES}")
+    if dtype == "auto":
+        return "bfloat16" if torch.device(device).type == "cuda" else None
+    return dtype
+
+
+def load_runner(spec: dict, model_dir: Path, *, device: str = "cpu", dtype: str = "auto"):
     """A runner for ``spec`` = {"kind": "trained"|"hub", "name", ...} with weights in ``model_dir``.
 
     Hub specs with ``trust_remote_code`` and a family of ``fgvlm.models.remote.FAMILIES``
     (InternVL2, Phi-3-vision, Molmo, CogVLM: each its own model API) load through
     ``fgvlm.evaluate.remote_runners``; every other hub spec through
-    ``fgvlm.evaluate.hub_runner``.
+    ``fgvlm.evaluate.hub_runner``. ``dtype``: ``evaluation.dtype`` (``eval_dtype``); on CUDA,
+    float32 matmuls left (our frozen vision tower) may use TF32.
     """
+    resolved = eval_dtype(dtype, device)
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if spec["kind"] == "trained":
         from fgvlm.models.vlm import load_vlm
 
-        return LlavaRunner(load_vlm(model_dir, device=device), spec["name"])
+        vlm = load_vlm(model_dir, device=device, dtype=getattr(torch, resolved or "float32"))
+        return LlavaRunner(vlm, spec["name"])
     if spec["kind"] == "hub":
         from fgvlm.models.remote import FAMILIES
 
@@ -83,7 +109,7 @@ def load_runner(spec: dict, model_dir: Path, *, device: str = "cpu"):
                 spec["family"],
                 trust_remote_code=True,
                 device=device,
-                dtype="bfloat16" if device == "cuda" else None,
+                dtype=resolved,
                 name=spec["name"],
                 processor_kwargs=spec.get("processor_kwargs"),
                 image=spec.get("image"),
@@ -94,7 +120,7 @@ def load_runner(spec: dict, model_dir: Path, *, device: str = "cpu"):
             model_dir,
             trust_remote_code=spec.get("trust_remote_code", False),
             device=device,
-            dtype="bfloat16" if device == "cuda" else None,
+            dtype=resolved,
             name=spec["name"],
             answer_prefix=ASSISTANT_PREFIX.get(spec["style"], ""),
             system_prompt=spec.get("system_prompt"),
@@ -106,8 +132,15 @@ def load_runner(spec: dict, model_dir: Path, *, device: str = "cpu"):
 
 def question_source(
     benchmark: dict, path: Path, questions_path: Path | None = None
-) -> tuple[Callable[[], Iterator[tuple[dict, Image.Image | None]]], dict[str, str], dict]:
-    """(a fresh-stream factory of (record, image), qid -> answer letter, counts) of a benchmark.
+) -> tuple[
+    Callable[[], Iterator[Any]],
+    Callable[[Any], tuple[dict, Image.Image]],
+    dict[str, str],
+    dict,
+]:
+    """(a fresh-stream factory of raw samples, the function decoding one into (record, RGB
+    image), qid -> answer letter, counts) of a benchmark. Both functions pickle, so that loader
+    workers can decode while the model runs.
 
     ``benchmark`` = {"kind": "questions"} for question shards at ``path`` (answers from the
     questions file; their count was checked when the manifest was built), or {"kind":
@@ -119,13 +152,14 @@ def question_source(
     if benchmark["kind"] == "questions":
         import polars as pl
 
-        from fgvlm.data.shards import iter_question_samples
+        from fgvlm.data.shards import decode_sample, iter_question_samples
 
         if questions_path is None:
             raise ValueError("question shards need their questions file for the answer key")
         key = pl.read_parquet(questions_path, columns=["qid", "answer"])
         answers = dict(zip(key["qid"].to_list(), key["answer"].to_list(), strict=True))
-        return (lambda: iter_question_samples(path)), answers, {"questions": len(answers)}
+        raw = partial(iter_question_samples, path, decode=False)
+        return raw, decode_sample, answers, {"questions": len(answers)}
     if benchmark["kind"] == "vlmeval_tsv":
         from fgvlm.data.vlmeval import check_count, scan_vlmeval_tsv
 
@@ -143,11 +177,10 @@ def question_source(
             "groups": {r["qid"]: r["group"] for r in records if r["group"] != r["qid"]},
             "categories": {r["qid"]: str(r.get("category") or "") for r in records},
         }
-
-        def stream() -> Iterator[tuple[dict, Image.Image]]:
-            for record in records:
-                with Image.open(BytesIO(record["image"])) as image:
-                    yield record, image.convert("RGB")
-
-        return stream, answers, counts
+        return partial(iter, records), _decode_tsv_record, answers, counts
     raise ValueError(f"benchmark kind {benchmark['kind']!r} is not supported")
+
+
+def _decode_tsv_record(record: dict) -> tuple[dict, Image.Image]:
+    with Image.open(BytesIO(record["image"])) as image:
+        return record, image.convert("RGB")

@@ -113,13 +113,8 @@ def score_batch(
             for item, output in zip(items, outputs, strict=True)
         ]
     letters = [option_letters(item) for item in items]
-    if mode == "letter_likelihood":
-        continuations, asked = letters, items
-    else:
-        continuations = [item.options for item in items]
-        asked = [
-            replace(item, prompt=item.cloze_prompt) if item.cloze_prompt else item for item in items
-        ]
+    asked = [_asked(item, mode) for item in items]
+    continuations = letters if mode == "letter_likelihood" else [item.options for item in items]
     scores = _checked_scores(
         model.continuation_logprobs(asked, continuations), items, continuations
     )
@@ -136,6 +131,50 @@ def score_batch(
             }
         )
     return rows
+
+
+def _asked(item: MCQItem, mode: str) -> MCQItem:
+    """The item as the model is asked it in ``mode``: ``option_likelihood`` scores the option
+    texts after the cloze prompt when the item has one."""
+    if mode == "option_likelihood" and item.cloze_prompt:
+        return replace(item, prompt=item.cloze_prompt)
+    return item
+
+
+def length_order(model: MCQModel, items: Sequence[MCQItem], mode: str) -> list[int]:
+    """Indices of ``items`` from the longest prompt to the shortest (ties in item order), so
+    that a batch holds prompts of similar length and pads little. The length is the runner's
+    ``prompt_length`` (image tokens included) where it has one, else the prompt's characters."""
+    measure = getattr(model, "prompt_length", None)
+    lengths = [
+        measure(_asked(item, mode)) if measure else len(_asked(item, mode).prompt) for item in items
+    ]
+    return sorted(range(len(items)), key=lambda i: (-lengths[i], i))
+
+
+def _score_sorted(
+    model: MCQModel,
+    items: Sequence[MCQItem],
+    *,
+    mode: str,
+    batch_size: int,
+    max_new_tokens: int,
+    sort_by_length: bool,
+    bar: tqdm,
+) -> list[dict[str, Any]]:
+    """Rows of ``items`` in item order, scored in batches of similar prompt length (or in item
+    order when ``sort_by_length`` is off). Answers do not depend on the batches a runner sees
+    (``MCQModel``), so sorting changes speed only."""
+    order = length_order(model, items, mode) if sort_by_length else list(range(len(items)))
+    rows: list[dict[str, Any] | None] = [None] * len(items)
+    for batch in _batches(order, batch_size):
+        scored = score_batch(
+            model, [items[i] for i in batch], mode=mode, max_new_tokens=max_new_tokens
+        )
+        for i, row in zip(batch, scored, strict=True):
+            rows[i] = row
+        bar.update(len(batch))
+    return rows  # type: ignore[return-value]
 
 
 def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -167,16 +206,23 @@ def score(
     mode: str,
     batch_size: int,
     max_new_tokens: int = 8,
+    sort_by_length: bool = True,
 ) -> list[dict[str, Any]]:
-    """Score ``items`` in batches (see ``score_batch`` for the rows), in item order."""
+    """Score ``items`` in batches (see ``score_batch`` for the rows); rows in item order.
+    Batches group prompts of similar length (``length_order``) unless ``sort_by_length`` is off.
+    """
     _check_mode(mode)
     _check_unique((item.qid for item in items), "score")
-    rows: list[dict[str, Any]] = []
     with _progress(len(items), f"{model.name} {mode}") as bar:
-        for batch in _batches(items, batch_size):
-            rows.extend(score_batch(model, batch, mode=mode, max_new_tokens=max_new_tokens))
-            bar.update(len(batch))
-    return rows
+        return _score_sorted(
+            model,
+            list(items),
+            mode=mode,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            sort_by_length=sort_by_length,
+            bar=bar,
+        )
 
 
 def agreement(preds_a: Sequence[str | None], preds_b: Sequence[str | None]) -> float:
@@ -243,6 +289,7 @@ def score_to_parts(
     max_new_tokens: int = 8,
     fingerprint: str = "",
     total: int | None = None,
+    sort_by_length: bool = True,
 ) -> dict[str, int]:
     """Score ``items`` into ``parts_dir/part-NNNNN.parquet``, ``part_size`` questions per part.
 
@@ -251,7 +298,9 @@ def score_to_parts(
     ``fingerprint`` (e.g. ``files_fingerprint(model_dir, questions)``) is kept without calling the
     model, so rerunning a killed evaluation resumes where it stopped; anything else is
     recomputed. Batches never straddle parts, so a resumed run gives the same rows as an
-    uninterrupted one. Parts past the last one (an older, longer item list) are deleted.
+    uninterrupted one; within a part, batches group prompts of similar length
+    (``length_order``, unless ``sort_by_length`` is off) and rows are written in item order.
+    Parts past the last one (an older, longer item list) are deleted.
     ``items`` may be a stream (one part in memory at a time); ``total`` sizes the progress bar.
     Out: {"parts", "computed", "reused"} counts.
     """
@@ -279,10 +328,15 @@ def score_to_parts(
                 counts["reused"] += 1
                 bar.update(len(chunk))
                 continue
-            rows = []
-            for batch in _batches(chunk, batch_size):
-                rows.extend(score_batch(model, batch, mode=mode, max_new_tokens=max_new_tokens))
-                bar.update(len(batch))
+            rows = _score_sorted(
+                model,
+                chunk,
+                mode=mode,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                sort_by_length=sort_by_length,
+                bar=bar,
+            )
             frame = pl.DataFrame(rows, schema=PART_SCHEMA)
             write_parquet(frame, path, metadata={PART_META_KEY: json.dumps(meta, sort_keys=True)})
             counts["computed"] += 1

@@ -18,6 +18,7 @@ The frozen tower is not copied: ``load_vlm`` reloads it from the CLIP weights di
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,12 @@ def _pad_rows(rows: list[list[int]], value: int, side: str) -> tuple[torch.Tenso
         ids[i, span] = torch.tensor(row, dtype=torch.long)
         mask[i, span] = 1
     return ids, mask
+
+
+def _cache_arg(llm: nn.Module) -> str:
+    """The KV-cache argument of ``llm.forward``: ``cache`` (transformers >= 5.25) or
+    ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
 
 
 def pixel_batch(
@@ -367,6 +374,62 @@ class LlavaVLM(nn.Module):
         logprobs = torch.log_softmax(logits, dim=-1)
         picked = logprobs.gather(-1, targets_next.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         return (picked * valid).sum(dim=1).cpu()
+
+    @torch.no_grad()
+    def shared_prefix_logprobs(
+        self,
+        prompts: list[list[int]],
+        continuations: list[list[list[int]]],
+        pixel_values: torch.Tensor | None = None,
+    ) -> list[list[float]]:
+        """``sequence_logprobs`` of several continuations per prompt, each prompt (image
+        included) run once: its KV cache is repeated for its continuations, which then take one
+        short pass together. In: one prompt and one image row per question, and per question
+        its continuations' ids (non-empty). Out: per question, one summed log-prob per
+        continuation (float32 logits, as ``sequence_logprobs``).
+        """
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuation lists")
+        counts = [len(conts) for conts in continuations]
+        if any(not conts or any(not c for c in conts) for conts in continuations):
+            raise ValueError("every prompt needs continuations, each with at least one token")
+        ids, mask = _pad_rows(prompts, self.pad_token_id, side="left")
+        # left padding: every prompt ends at the same column, where its continuations start
+        inputs = self.prepare_inputs(ids, mask, None, pixel_values, padding_side="left")
+        out = self.llm(**inputs, use_cache=True)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, vocab]
+        index = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor(counts))
+        flat = [cont for conts in continuations for cont in conts]
+        scores = first[index.to(first.device), [cont[0] for cont in flat]]
+        longest = max(len(cont) for cont in flat)
+        if longest > 1:
+            # each continuation but its last token is fed after its prompt's cached keys
+            cache = out.cache if "cache" in out else out.past_key_values  # renamed in 5.25
+            cache.reorder_cache(index.to(self.device))  # prompt rows -> one per continuation
+            feed, _ = _pad_rows([cont[:-1] for cont in flat], self.pad_token_id, side="right")
+            feed = feed[:, : longest - 1].to(self.device)
+            prompt_mask = inputs["attention_mask"][index.to(self.device)]
+            full_mask = torch.cat([prompt_mask, torch.ones_like(feed)], dim=1)
+            start = inputs["position_ids"][index.to(self.device), -1:] + 1
+            positions = start + torch.arange(longest - 1, device=self.device)
+            logits = self.llm(
+                input_ids=feed,
+                attention_mask=full_mask,
+                position_ids=positions,
+                use_cache=True,
+                **{_cache_arg(self.llm): cache},
+            ).logits.float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            targets, valid = _pad_rows([cont[1:] for cont in flat], 0, side="right")
+            targets, valid = targets.to(self.device), valid.to(self.device)
+            picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            scores = scores + (picked * valid).sum(dim=1)
+        values = scores.cpu().tolist()
+        result, start = [], 0
+        for count in counts:
+            result.append(values[start : start + count])
+            start += count
+        return result
 
     def generate_text(
         self,
