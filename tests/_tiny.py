@@ -53,13 +53,13 @@ def training_assets(root: Path, *, llm_layers: int, samples_per_shard: int) -> d
             "text_pretrain_steps": 5,
         },
         root / "llm",
-        world_dirs=[world],
+        worlds=[str(world)],
     )
     stages.shard_train_data(
         {"type": "synthetic_instructions", "worlds": ["world"]},
         root / "shards",
         raw_dir=root / "raw",
-        world_dirs=[world],
+        worlds=[str(world)],
         samples_per_shard=samples_per_shard,
     )
     return {
