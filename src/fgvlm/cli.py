@@ -168,6 +168,8 @@ def cmd_train(args: argparse.Namespace, cfg: dict) -> None:
         device=study.device_of(cfg),
         checkpoint_every=cfg["training"]["checkpoint_every"],
         dataloader_workers=cfg["training"]["dataloader_workers"],
+        log_every=cfg["training"]["log_every"],
+        peak_tflops=cfg["training"]["peak_tflops"],
     )
 
 
@@ -214,6 +216,54 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
         f"{out['rows']} rows, {out['pairs']} one-factor pairs: {out['ablations']}, "
         f"{out['effects']}, {out['effects_summary']}"
     )
+
+
+def cmd_cost(args: argparse.Namespace, cfg: dict) -> None:
+    import json
+
+    from fgvlm.data.shards import check_coverage
+    from fgvlm.training import cost
+    from fgvlm.training.recipe import Recipe, per_device_batch
+
+    jobs = []
+    specs = [("pretrain", key, spec) for key, spec in study.pretrain_jobs(cfg).items()]
+    specs += [
+        ("finetune", row["name"], study.finetune_spec(cfg, row)) for row in study.trained_rows(cfg)
+    ]
+    for family, name, spec in specs:
+        data = cfg["train_data"].get(spec["data"])
+        if data is None:
+            continue  # builtin: nothing is trained on it here
+        if "expected_samples" not in data:
+            raise study.ConfigError(f"train_data.{spec['data']}: no expected_samples to size it")
+        resources = cfg["resources"][family]
+        gpus = max(1, resources.get("gpu", 0)) * resources.get("nodes", 1)
+        recipe = Recipe.from_config(spec["recipe"])
+        per_device = per_device_batch(recipe, gpus)
+        check_coverage(  # the job would stop at its start otherwise
+            data["expected_samples"],
+            world_size=gpus,
+            num_workers=cfg["training"]["dataloader_workers"],
+            batch_size=per_device,
+            grad_accum=max(1, recipe.global_batch // (gpus * per_device)),
+            where=f"{family} {name} ({spec['data']})",
+        )
+        jobs.append(cost.Job(family, name, data["expected_samples"], recipe.epochs, gpus))
+    if args.bench:
+        rates = cost.throughput_from_bench(json.loads(args.bench.read_text()))
+    else:
+        rates = {}
+    for family in ("pretrain", "finetune"):
+        given = getattr(args, f"{family}_tokens_per_s")
+        if given:
+            rates[family] = given
+    positions = {
+        family: value
+        for family in ("pretrain", "finetune")
+        if (value := getattr(args, f"{family}_positions"))
+    }
+    for line in cost.format_bill(cost.bill(jobs, rates, positions)):
+        print(line)
 
 
 def _lookup(cfg: dict, table: str, name: str) -> dict:
@@ -310,6 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a trained row name or hub-<name>")
     p.add_argument("--benchmark", required=True)
     p.add_argument("--model-dir")
+
+    p = add("cost", cmd_cost, "Expected GPU-hours of every training job, before submitting.")
+    p.add_argument("--bench", type=Path, help="bench/gpu_bench.py's JSON (measured tokens/s)")
+    for family in ("pretrain", "finetune"):
+        p.add_argument(
+            f"--{family}-tokens-per-s",
+            type=float,
+            help=f"LM positions/s per GPU of {family} jobs (overrides --bench)",
+        )
+        p.add_argument(f"--{family}-positions", type=float, help="LM positions per sample")
 
     p = add(
         "aggregate",
