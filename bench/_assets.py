@@ -22,9 +22,8 @@ import torch
 
 from fgvlm.data.conversations import read_synthetic_instructions
 from fgvlm.data.shards import write_conversation_shards
-from fgvlm.data.synthetic import class_folder, generate_world
+from fgvlm.data.synthetic import class_folder, generate_world, text_corpus
 from fgvlm.models.tiny import materialize_random_clip, materialize_tiny_llm
-from fgvlm.stages import world_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CLIP_CONFIG = ROOT / "src" / "fgvlm" / "resources" / "clip_configs" / "tiny-vit.json"
@@ -91,7 +90,7 @@ def build_assets(
         materialize_tiny_llm(
             llm_dir,
             arch=llm_family,
-            corpus=world_corpus(worlds),
+            corpus=text_corpus([Path(w) for w in worlds]),
             seed=seed + 5,
             hidden_size=llm_hidden,
             layers=llm_layers,
@@ -102,7 +101,7 @@ def build_assets(
         materialize_tiny_llm(
             random_llm_dir,
             arch=llm_family,
-            corpus=world_corpus(worlds),
+            corpus=text_corpus([Path(w) for w in worlds]),
             seed=seed + 5,
             hidden_size=llm_hidden,
             layers=llm_layers,
