@@ -258,7 +258,6 @@ def apply_sharding(recipe: Recipe, env: dict) -> str:
     sharding = recipe.resolved_sharding()
     if sharding == "replicate":
         env["ACCELERATE_USE_FSDP"] = "false"
-        env["ACCELERATE_DISTRIBUTED_TYPE"] = "MULTI_GPU"
     else:
         env["FSDP_SHARDING_STRATEGY"] = {"hybrid": "HYBRID_SHARD", "full": "FULL_SHARD"}[sharding]
         env["FSDP_ACTIVATION_CHECKPOINTING"] = str(recipe.activation_checkpointing).lower()
