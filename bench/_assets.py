@@ -90,7 +90,7 @@ def build_assets(
         materialize_tiny_llm(
             llm_dir,
             arch=llm_family,
-            corpus=text_corpus(worlds),
+            corpus=text_corpus([Path(w) for w in worlds]),
             seed=seed + 5,
             hidden_size=llm_hidden,
             layers=llm_layers,
@@ -101,7 +101,7 @@ def build_assets(
         materialize_tiny_llm(
             random_llm_dir,
             arch=llm_family,
-            corpus=text_corpus(worlds),
+            corpus=text_corpus([Path(w) for w in worlds]),
             seed=seed + 5,
             hidden_size=llm_hidden,
             layers=llm_layers,

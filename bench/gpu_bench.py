@@ -16,6 +16,12 @@ One prepared run, three parts; random weights, no network, nothing but this repo
     memory, and MFU = 6 x trainable matmul params x tokens/s / peak bf16 FLOP/s (params:
     connector + decoder layers + LM head, not the embedding lookup; the frozen tower's forward
     and attention score FLOPs are left out, so MFU is a slight underestimate).
+(a2) Length grouping. Micro-batches drawn from a synthetic length distribution shaped like
+    llava_v1_5_mix665k's (``mix665k_like_lengths``: ~6% text-only conversations, long-tailed
+    text, capped at ``max_length`` 2048 LM positions), in random order against grouped by
+    ``fgvlm.data.shards``' own length grouping (windows of ``--group-batches`` batches): per
+    order, the padding fraction of LM positions, s/step, real (unpadded) LM positions/s and MFU
+    on them, trained through ``fgvlm.training.loop.train`` as in (a).
 (b) Evaluation. A transformers ``LlavaForConditionalGeneration`` from config (the same
     tower and LM shapes, random init, bf16) behind ``HubVLM``: ``score(..., mode="generate")``
     with batch ``--eval-batch`` (left padding) against batch 1 (VLMEvalKit's way):
@@ -356,6 +362,164 @@ def part_training(args: argparse.Namespace, device: torch.device, workdir: Path)
     }
 
 
+# --- (a2) length grouping --------------------------------------------------------------------
+
+
+def mix665k_like_lengths(n: int, num_patches: int, max_length: int, seed: int = 0) -> list:
+    """(has image, text tokens) of ``n`` samples: 6% text-only (ShareGPT-like, median ~400
+    tokens), the rest one image + a median ~120-token conversation, both log-normal (a long
+    tail); text cut so that a sample's LM positions stay within ``max_length``."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        image = rng.random() >= 0.06
+        text = rng.lognormal(np.log(120 if image else 400), 0.9)
+        room = max_length - (num_patches if image else 0) - 1
+        out.append((bool(image), int(max(4, min(text, room)))))
+    return out
+
+
+def ordered_batches(lengths: list, batch: int, group_batches: int, grouped: bool) -> list:
+    """Micro-batches of (has image, text tokens): consecutive in the given (random) order, or
+    through the trainer's length grouping (``fgvlm.data.shards._grouped``) of the same order."""
+    if not grouped:
+        return [lengths[i : i + batch] for i in range(0, len(lengths), batch)]
+    from fgvlm.data.shards import _grouped
+
+    raw = [
+        {
+            "json": json.dumps({"conversations": [{"value": " ".join(["w"] * text)}]}),
+            **({"jpg": b""} if image else {}),
+            "sample": (image, text),
+        }
+        for image, text in lengths
+    ]
+    rng = np.random.default_rng(1)
+    order = [
+        r["sample"]
+        for r in _grouped(
+            iter(raw), window=group_batches * batch, batch_size=batch, rng_of=lambda k: rng
+        )
+    ]
+    return [order[i : i + batch] for i in range(0, len(order), batch)]
+
+
+def padded_batch(vlm: LlavaVLM, rows: list, device: torch.device, dtype: torch.dtype) -> tuple:
+    """A right-padded micro-batch of the given rows; (batch, real LM positions, padded ones)."""
+    generator = torch.Generator().manual_seed(len(rows))
+    patches = vlm.vision.num_patches
+    lm_lengths = [1 + text + (patches if image else 0) for image, text in rows]
+    width = max(1 + text + int(image) for image, text in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    vocab = vlm.llm.config.vocab_size
+    for b, (image, text) in enumerate(rows):
+        ids = [1] + ([IMAGE_TOKEN_ID] if image else [])
+        ids += torch.randint(3, vocab, (text,), generator=generator).tolist()
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        mask[b, : len(ids)] = 1
+    labels = input_ids.masked_fill(~mask.bool() | (input_ids == IMAGE_TOKEN_ID), IGNORE_INDEX)
+    labels[:, 0] = IGNORE_INDEX
+    pixels = torch.randn(len(rows), 3, *vlm.vision.image_size, generator=generator)
+    batch = {
+        "input_ids": input_ids.to(device),
+        "attention_mask": mask.to(device),
+        "labels": labels.to(device),
+        "pixel_values": pixels.to(device, dtype),
+    }
+    return batch, sum(lm_lengths), max(lm_lengths) * len(rows)
+
+
+def part_grouping(args: argparse.Namespace, device: torch.device, workdir: Path) -> dict:
+    """(a2): random vs length-grouped micro-batches, same samples, same model."""
+    from accelerate import Accelerator
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    clip_dir = clip_dir_for(workdir, args.dry_run_cpu)
+    shapes = TINY_LLM if args.dry_run_cpu else LLAMA_7B
+    vlm = build_train_vlm(clip_dir, shapes, args.layers, device, torch.float32)
+    set_checkpointing(vlm.llm, args.group_checkpointing)
+    flops = 6 * matmul_params(vlm)["trainable_matmul"]
+    n_batches = args.warmup + args.steps
+    window = args.group_batches
+    total = max(n_batches, window) * args.batch
+    lengths = mix665k_like_lengths(total, vlm.vision.num_patches, args.max_length)
+    rows = []
+    for grouped in (False, True):
+        order = ordered_batches(lengths, args.batch, window, grouped)
+        made = [padded_batch(vlm, r, device, torch.float32) for r in order[:n_batches]]
+        real = sum(m[1] for m in made[args.warmup :])
+        padded = sum(m[2] for m in made[args.warmup :])
+        recipe = Recipe(
+            stage="finetune",
+            updating="full",
+            global_batch=args.batch,
+            per_device_batch=args.batch,
+            connector_lr=2e-5,
+            llm_lr=2e-5,
+            max_steps=n_batches + 1,
+        )
+        plan = make_plan(recipe, 1, n_samples=args.batch * (n_batches + 1))
+        stamps: dict[int, float] = {}
+
+        def on_step(step: int, model, stamps=stamps) -> None:  # noqa: ARG001
+            sync(device)
+            stamps[step] = time.perf_counter()
+            if step == n_batches:
+                raise _Measured
+
+        def batches(epoch: int, skip: int, made=made):  # noqa: ARG001
+            for batch, _, _ in made[skip:]:
+                yield batch
+
+        accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16")
+        state_dir = Path(tempfile.mkdtemp(prefix="state-", dir=workdir))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            train(
+                vlm,
+                batches,
+                recipe,
+                plan,
+                state_dir,
+                seed=0,
+                checkpoint_every=10**9,
+                accelerator=accelerator,
+                on_step=on_step,
+            )
+        except _Measured:
+            pass
+        seconds = stamps[n_batches] - stamps[args.warmup]
+        row = {
+            "order": "grouped" if grouped else "random",
+            "padding_fraction": round(1 - real / padded, 4),
+            "s_per_step": round(seconds / args.steps, 4),
+            "real_lm_positions_per_s": round(real / seconds, 1),
+            "mfu_real_positions": round(flops * real / seconds / (args.peak * 1e12), 4)
+            if args.peak
+            else None,
+        }
+        if device.type == "cuda":
+            row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        rows.append(row)
+        print(f"grouping {row}", file=sys.stderr)
+    del vlm
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    speedup = rows[0]["s_per_step"] / rows[1]["s_per_step"] if rows[1]["s_per_step"] else None
+    return {
+        "distribution": "mix665k-like: 6% text-only, log-normal text, capped at max_length",
+        "max_length": args.max_length,
+        "group_batches": window,
+        "gradient_checkpointing": args.group_checkpointing,
+        "micro_batch": args.batch,
+        "rows": rows,
+        "grouped_speedup": round(speedup, 3) if speedup else None,
+    }
+
+
 # --- (b) evaluation ----------------------------------------------------------------------------
 
 
@@ -576,6 +740,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=8, help="paper config: 8")
     parser.add_argument("--rounds", type=int, default=2, help="eval rounds (order alternates)")
     parser.add_argument("--peak-tflops", type=float, help="override the device's bf16 peak")
+    parser.add_argument("--max-length", type=int, default=2048, help="(a2) LM position cap")
+    parser.add_argument("--group-batches", type=int, default=64, help="(a2) grouping window")
+    parser.add_argument(
+        "--group-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="(a2) activation checkpointing (the paper finetune recipe's)",
+    )
+    parser.add_argument("--skip-grouping", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-eval", action="store_true")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
@@ -584,6 +757,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         # tiny everything: the code paths run in seconds on a laptop
         args.layers, args.vision_layers, args.batch, args.text_tokens = 2, 2, 2, 20
         args.steps, args.warmup, args.questions, args.eval_batch = 2, 1, 8, 4
+        args.max_length, args.group_batches = 64, 4
     return args
 
 
@@ -611,6 +785,8 @@ def main(argv: list[str] | None = None) -> None:
         workdir = Path(tmp)
         if not args.skip_train:
             summary["training"] = part_training(args, device, workdir / "train")
+        if not args.skip_grouping:
+            summary["length_grouping"] = part_grouping(args, device, workdir / "grouping")
         if not args.skip_eval:
             (workdir / "eval").mkdir()
             summary["evaluation"] = part_eval(args, device, workdir / "eval")

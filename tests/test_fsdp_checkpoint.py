@@ -41,14 +41,14 @@ SPEC = {
         "updating": "full",
         "connector_lr": 1e-3,
         "llm_lr": 1e-3,
-        "connector_only_fraction": 0.25,  # 8 steps: the LLM learns from step 2 on
+        "connector_only_fraction": 0.25,  # 9 steps: the LLM learns from step round(2.25) = 2 on
         "global_batch": 8,
         "per_device_batch": 2,
         "epochs": 1,
         "warmup_ratio": 0.1,
     },
 }
-TOTAL_STEPS = 8
+TOTAL_STEPS = 9  # 72 samples over 2 ranks: 18 micro-batches of 2 each, accumulation 2
 
 DRIVER = """
 import json, os, shutil, signal, sys

@@ -1,4 +1,5 @@
-"""WebDataset question shards: determinism, index, rank/worker splitting, round trip, atomicity."""
+"""WebDataset question shards: determinism, index, rank/worker splitting, round trip, atomicity;
+the training split at the paper's scale (counts only)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,15 @@ import torch
 from PIL import Image
 
 from fgvlm.data.shards import (
+    _n_batches,
+    _resume_plan,
+    check_coverage,
+    epoch_coverage,
     iter_question_samples,
     question_dataset,
     read_index,
     shard_urls,
+    stream_ranges,
     write_question_shards,
 )
 
@@ -171,3 +177,41 @@ def test_read_index_errors_name_the_file(tmp_path: Path, manifest: pl.DataFrame)
     (tmp_path / "index.json").write_text('{"shards": [{"name": "x.tar", "count": 2}], "total": 2}')
     with pytest.raises(FileNotFoundError, match="x.tar"):
         shard_urls(tmp_path)
+
+
+# LCS-558K (LLaVA-Pretrain) and llava_v1_5_mix665k: 16 ranks (4 nodes x 4 GPUs) x 8 workers,
+# per-device batches of the paper's global batches (256 -> 16, 128 -> 8), one accumulation step
+PAPER_SCALE = [(558_128, 16), (665_298, 8)]
+
+
+@pytest.mark.parametrize(("total", "batch"), PAPER_SCALE)
+def test_paper_scale_every_sample_once_per_epoch(total: int, batch: int) -> None:
+    ranks, workers = 16, 8
+    micro, seen = epoch_coverage(total, world_size=ranks, num_workers=workers, batch_size=batch)
+    owner = np.zeros(total, dtype=np.int8)  # how often each sample is read in one epoch
+    stepped = np.zeros(total, dtype=np.int8)  # ... within the micro-batches every rank steps
+    for rank in range(ranks):
+        ranges = stream_ranges(
+            total, rank=rank, world_size=ranks, num_workers=workers, batch_size=batch
+        )
+        sizes = [end - start for start, end in ranges]
+        consumed, _ = _resume_plan([_n_batches(n, batch, False) for n in sizes], micro)
+        rank_samples = sum(sizes)
+        rank_seen = 0
+        for (start, end), used in zip(ranges, consumed, strict=True):
+            owner[start:end] += 1
+            stop = min(end, start + used * batch)
+            stepped[start:stop] += 1
+            rank_seen += stop - start
+        assert rank_samples - rank_seen <= 0.01 * rank_samples  # no rank drops over 1%
+    assert (owner == 1).all()  # the ranges partition the epoch
+    assert stepped.max() == 1 and int(stepped.sum()) == seen
+    assert total - seen <= 0.01 * total
+
+
+def test_coverage_check_names_the_numbers() -> None:
+    assert check_coverage(558_128, world_size=16, num_workers=8, batch_size=16)[1] > 558_000
+    with pytest.raises(ValueError, match=r"1000 samples over 16 ranks x 8 loader workers.*% > 1%"):
+        check_coverage(1000, world_size=16, num_workers=8, batch_size=16, grad_accum=3)
+    with pytest.raises(ValueError, match="not one optimizer step"):
+        check_coverage(100, world_size=16, num_workers=8, batch_size=16, grad_accum=2)

@@ -21,7 +21,10 @@ from fgvlm import logs, paths, stages
 
 
 def cmd_validate_config(args: argparse.Namespace) -> None:
+    from fgvlm.training.cost import study_jobs
+
     cfg = study.load_config(args.path)
+    study_jobs(cfg)  # every training job's data split fits its ranks x loader workers
     print(
         f"{args.path}: valid — {len(cfg['benchmarks'])} benchmarks, "
         f"{len(cfg['vqa_benchmarks'])} VQA benchmarks, {len(cfg['clip_models'])} CLIP "
@@ -168,6 +171,8 @@ def cmd_train(args: argparse.Namespace, cfg: dict) -> None:
         device=study.device_of(cfg),
         checkpoint_every=cfg["training"]["checkpoint_every"],
         dataloader_workers=cfg["training"]["dataloader_workers"],
+        log_every=cfg["training"]["log_every"],
+        peak_tflops=cfg["training"]["peak_tflops"],
     )
 
 
@@ -323,6 +328,29 @@ def cmd_provenance(args: argparse.Namespace, cfg: dict) -> None:
     print(f"{out}: {rows} sources")
 
 
+def cmd_cost(args: argparse.Namespace, cfg: dict) -> None:
+    import json
+
+    from fgvlm.training import cost
+
+    jobs = cost.study_jobs(cfg)
+    if args.bench:
+        rates = cost.throughput_from_bench(json.loads(args.bench.read_text()))
+    else:
+        rates = {}
+    for family in ("pretrain", "finetune"):
+        given = getattr(args, f"{family}_tokens_per_s")
+        if given:
+            rates[family] = given
+    positions = {
+        family: value
+        for family in ("pretrain", "finetune")
+        if (value := getattr(args, f"{family}_positions"))
+    }
+    for line in cost.format_bill(cost.bill(jobs, rates, positions)):
+        print(line)
+
+
 def _lookup(cfg: dict, table: str, name: str) -> dict:
     entries = cfg[table]
     if name not in entries:
@@ -455,6 +483,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--root", default=".", help="the folder the workflow runs in")
     p.add_argument("--out")
+    p = add("cost", cmd_cost, "Expected GPU-hours of every training job, before submitting.")
+    p.add_argument("--bench", type=Path, help="bench/gpu_bench.py's JSON (measured tokens/s)")
+    for family in ("pretrain", "finetune"):
+        p.add_argument(
+            f"--{family}-tokens-per-s",
+            type=float,
+            help=f"LM positions/s per GPU of {family} jobs (overrides --bench)",
+        )
+        p.add_argument(f"--{family}-positions", type=float, help="LM positions per sample")
 
     p = add(
         "aggregate",

@@ -218,6 +218,8 @@ def train_stage(
     device: str = "cpu",
     checkpoint_every: int = 500,
     dataloader_workers: int = 0,
+    log_every: int = 1,
+    peak_tflops: float | None = None,
 ) -> dict:
     """Pretrain or finetune one model (``spec``: ``fgvlm.config.pretrain_spec``/``finetune_spec``).
 
@@ -239,6 +241,8 @@ def train_stage(
         device=device,
         checkpoint_every=checkpoint_every,
         dataloader_workers=dataloader_workers,
+        log_every=log_every,
+        peak_tflops=peak_tflops,
     )
 
 

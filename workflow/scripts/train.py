@@ -21,6 +21,8 @@ code = launch.run_or_launch(
         "device": device_of({"device": sm.params.device}),
         "checkpoint_every": training["checkpoint_every"],
         "dataloader_workers": training["dataloader_workers"],
+        "log_every": training["log_every"],
+        "peak_tflops": training["peak_tflops"],
     },
     state_dir=sm.params.state_dir,
     accelerate_config=training.get("accelerate_config"),

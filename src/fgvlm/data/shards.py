@@ -399,17 +399,38 @@ def _check_epoch(seed: int, epoch: int) -> None:
         raise ValueError(f"seed and epoch must be >= 0 (got seed {seed}, epoch {epoch})")
 
 
-def rank_shards(n_shards: int, *, rank: int, world_size: int, seed: int, epoch: int) -> list[int]:
-    """Shard indices read by ``rank`` in ``epoch``, in reading order.
-
-    All ranks draw the same seeded permutation of the shards for the epoch and take every
-    ``world_size``-th shard from position ``rank``: the ranks partition the shards, and which
-    rank reads which shard, in which order, changes from epoch to epoch.
-    """
-    _check_rank(rank, world_size)
+def shard_order(n_shards: int, *, seed: int, epoch: int) -> list[int]:
+    """The epoch's seeded permutation of the shards: the global sample order reads them so."""
     _check_epoch(seed, epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(n_shards)
-    return [int(i) for i in order[rank::world_size]]
+    return [int(i) for i in np.random.default_rng([seed, epoch]).permutation(n_shards)]
+
+
+def rank_range(total: int, *, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, end) of ``rank``'s contiguous slice of an epoch of ``total`` samples.
+
+    The slices partition the epoch and differ in size by at most one sample."""
+    _check_rank(rank, world_size)
+    base, extra = divmod(total, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def stream_ranges(
+    total: int, *, rank: int, world_size: int, num_workers: int, batch_size: int
+) -> list[tuple[int, int]]:
+    """[start, end) of each DataLoader worker stream of ``rank`` in the epoch's sample order.
+
+    The rank's slice is cut into near-equal runs of whole batches (only the last stream may end
+    in a partial batch), so ranks x workers read disjoint slices that cover the epoch; a worker
+    with nothing to read gets an empty range.
+    """
+    start, end = rank_range(total, rank=rank, world_size=world_size)
+    workers = max(num_workers, 1)  # num_workers=0 reads in the main process: one stream
+    n_batches = -(-(end - start) // batch_size)
+    cuts = [
+        start + min(end - start, (w * n_batches // workers) * batch_size) for w in range(workers)
+    ]
+    return list(zip(cuts, [*cuts[1:], end], strict=True))
 
 
 def _n_batches(n_samples: int, batch_size: int, drop_last: bool) -> int:
@@ -458,25 +479,59 @@ def _shuffled(samples: Iterator[dict], buffer: int, rng: np.random.Generator) ->
         yield pool.pop()
 
 
+def sample_length(sample: dict[str, Any]) -> tuple[bool, int]:
+    """(has an image, words of its conversation) of a raw sample: the key length grouping sorts by.
+
+    Words, as LLaVA's ``modality_lengths``: tokenizing in the reader would cost more than the
+    padding it saves, and the order only needs to be roughly right."""
+    record = json.loads(sample["json"])
+    words = sum(len(str(turn.get("value", "")).split()) for turn in record["conversations"])
+    return any(ext in sample for ext in IMAGE_EXTS), words
+
+
+def _grouped(
+    samples: Iterator[dict], *, window: int, batch_size: int, rng_of: Any
+) -> Iterator[dict]:
+    """Length grouping: each window of ``window`` samples sorted by (modality, length), cut into
+    batches of ``batch_size``, and those batches yielded in a seeded random order
+    (``rng_of(k)`` for window k). Windows start on batch boundaries, so a DataLoader worker
+    batching this stream gets batches of one modality and similar lengths."""
+    for k in itertools.count():
+        chunk = list(itertools.islice(samples, window))
+        if not chunk:
+            return
+        chunk.sort(key=sample_length)
+        full = len(chunk) // batch_size
+        for i in rng_of(k).permutation(full):
+            yield from chunk[int(i) * batch_size : (int(i) + 1) * batch_size]
+        yield from chunk[full * batch_size :]  # a partial batch stays last (the stream's end)
+
+
 class ConversationShards(torch.utils.data.IterableDataset):
     """Training shards as an IterableDataset of (conversation record, RGB image or None).
 
-    Each epoch all ranks draw the same seeded permutation of the shards; rank r reads every
-    ``world_size``-th shard from position r (``rank_shards``), and its DataLoader workers split
-    those round-robin. So ranks x workers see every sample exactly once per epoch, and the
-    stream is a function of (seed, epoch, rank, world_size, num_workers) only. Every worker must
-    get a shard (else iteration raises ValueError). ``shuffle_buffer`` > 1 shuffles within each
-    shard through a buffer of that many samples, seeded by (seed, epoch, shard).
+    Each epoch has one global sample order: the shards in a seeded permutation (``shard_order``),
+    each shuffled within through a buffer of ``shuffle_buffer`` samples seeded by (seed, epoch,
+    shard). Ranks read contiguous, near-equal slices of that order, and each rank's DataLoader
+    workers near-equal runs of whole batches of its slice (``stream_ranges``): ranks x workers
+    see every sample exactly once per epoch, whatever the number of shards, and ranks differ by
+    at most one sample. Shards are only storage: a stream opens the shards its range overlaps.
+    The stream is a function of (seed, epoch, rank, world_size, num_workers, batch_size,
+    group_batches) only.
+
+    ``group_batches`` > 0 groups by length (``_grouped``): each worker sorts windows of that many
+    batches by (modality, length) and yields their batches in a seeded order, so that
+    right-padding is a small part of each batch.
 
     Resuming: with ``skip_batches`` = batches the rank's DataLoader already yielded this epoch,
     and that loader's ``batch_size`` (per worker; 1 when it yields single samples) and
     ``drop_last``, a fresh DataLoader with the same ``num_workers`` yields exactly the rest of
-    the original sequence; consumed shards are not even opened. Ranks can hold different sample
-    counts (``samples_per_rank``, ``batches_per_rank``). Samples hold PIL images: use a
-    ``collate_fn`` that accepts them.
+    the original sequence; shards holding only consumed samples are not even opened. Samples hold
+    PIL images: use a ``collate_fn`` that accepts them.
 
-    ``set_epoch`` moves to another epoch (and resume point) without rebuilding; a DataLoader picks it up when its iterator is created, so
-    do not combine it with ``persistent_workers=True``.
+    ``set_epoch`` moves to another epoch (and resume point) without rebuilding; a DataLoader
+    picks it up when its iterator is created, so do not combine it with
+    ``persistent_workers=True``.
     """
 
     def __init__(
@@ -491,20 +546,25 @@ class ConversationShards(torch.utils.data.IterableDataset):
         skip_batches: int = 0,
         batch_size: int = 1,
         drop_last: bool = False,
+        group_batches: int = 0,
     ) -> None:
         super().__init__()
         _check_rank(rank, world_size)
-        if batch_size < 1 or shuffle_buffer < 0:
+        if batch_size < 1 or shuffle_buffer < 0 or group_batches < 0:
             raise ValueError(
-                f"need batch_size >= 1 and shuffle_buffer >= 0 (got {batch_size}, {shuffle_buffer})"
+                f"need batch_size >= 1, shuffle_buffer >= 0 and group_batches >= 0 (got "
+                f"{batch_size}, {shuffle_buffer}, {group_batches})"
             )
         self.shard_dir = str(shard_dir)
         self.urls = shard_urls(shard_dir)
         self.counts = [s["count"] for s in read_index(shard_dir)["shards"]]
-        if len(self.urls) < world_size:
-            raise ValueError(f"{shard_dir}: {len(self.urls)} shards cannot feed {world_size} ranks")
+        if sum(self.counts) < world_size:
+            raise ValueError(
+                f"{shard_dir}: {sum(self.counts)} samples cannot feed {world_size} ranks"
+            )
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.batch_size, self.drop_last = shuffle_buffer, batch_size, drop_last
+        self.group_batches = group_batches
         self.set_epoch(epoch, skip_batches=skip_batches)
 
     def set_epoch(self, epoch: int, *, skip_batches: int = 0) -> None:
@@ -514,62 +574,99 @@ class ConversationShards(torch.utils.data.IterableDataset):
             raise ValueError(f"skip_batches must be >= 0 (got {skip_batches})")
         self.epoch, self.skip_batches = epoch, skip_batches
 
-    def worker_shards(self, num_workers: int) -> list[list[int]]:
-        """The rank's shards this epoch, split round-robin into ``num_workers`` streams."""
-        mine = rank_shards(
-            len(self.urls),
+    def worker_ranges(self, num_workers: int) -> list[tuple[int, int]]:
+        """The rank's worker streams this epoch: [start, end) in the epoch's sample order."""
+        return stream_ranges(
+            sum(self.counts),
             rank=self.rank,
             world_size=self.world_size,
-            seed=self.seed,
-            epoch=self.epoch,
+            num_workers=num_workers,
+            batch_size=self.batch_size,
         )
-        streams = [mine[w::num_workers] for w in range(num_workers)]
-        empty = [w for w, shards in enumerate(streams) if not shards]
-        if empty:
-            raise ValueError(
-                f"{self.shard_dir}: DataLoader worker {empty[0]} of {num_workers} on rank "
-                f"{self.rank} gets no shard (the rank has {len(mine)}); use at most {len(mine)} "
-                f"workers per rank or write smaller shards"
-            )
-        return streams
 
-    def _stream(self, shards: list[int], skip_samples: int) -> Iterator[tuple[dict, Any]]:
-        """Decoded samples of ``shards`` in order, each shard shuffled, the first ones skipped."""
-        for shard in shards:
-            if skip_samples >= self.counts[shard]:
-                skip_samples -= self.counts[shard]  # consumed whole: not even opened
-                continue
-            # one generator per shard: the in-shard order depends on the shard alone
-            rng = np.random.default_rng([self.seed, self.epoch, shard, 1])
-            raw = _shuffled(_tar_samples(self.urls[shard]), self.shuffle_buffer, rng)
-            for sample in itertools.islice(raw, skip_samples, None):
-                yield decode_conversation(sample)
-            skip_samples = 0
+    def _raw(self, start: int, end: int) -> Iterator[dict]:
+        """Raw samples at positions [start, end) of the epoch's order; other shards unopened."""
+        offset = 0
+        for shard in shard_order(len(self.counts), seed=self.seed, epoch=self.epoch):
+            count = self.counts[shard]
+            lo, hi = max(start, offset), min(end, offset + count)
+            if lo < hi:
+                # one generator per shard: the in-shard order depends on the shard alone
+                rng = np.random.default_rng([self.seed, self.epoch, shard, 1])
+                raw = _shuffled(_tar_samples(self.urls[shard]), self.shuffle_buffer, rng)
+                yield from itertools.islice(raw, lo - offset, hi - offset)
+            offset += count
+            if offset >= end:
+                return
+
+    def _stream(self, start: int, end: int, skip: int) -> Iterator[tuple[dict, Any]]:
+        """Decoded samples of the stream [start, end), grouped by length if asked, the first
+        ``skip`` skipped (whole consumed windows without reading them)."""
+        if not self.group_batches:
+            raw = self._raw(start + skip, end)
+        else:
+            window = self.group_batches * self.batch_size
+            first, skip = divmod(skip, window)
+
+            def rng_of(k: int) -> np.random.Generator:
+                return np.random.default_rng([self.seed, self.epoch, start, first + k, 2])
+
+            raw = _grouped(
+                self._raw(start + first * window, end),
+                window=window,
+                batch_size=self.batch_size,
+                rng_of=rng_of,
+            )
+            raw = itertools.islice(raw, skip, None)
+        for sample in raw:
+            yield decode_conversation(sample)
 
     def __iter__(self) -> Iterator[tuple[dict[str, Any], Image.Image | None]]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        streams = self.worker_shards(num_workers)
-        sizes = [sum(self.counts[s] for s in shards) for shards in streams]
-        batches = [_n_batches(n, self.batch_size, self.drop_last) for n in sizes]
+        ranges = self.worker_ranges(num_workers)
+        batches = [
+            _n_batches(end - start, self.batch_size, self.drop_last) for start, end in ranges
+        ]
         consumed, order = _resume_plan(batches, self.skip_batches)
         if worker >= len(order):
             return  # every stream this worker could take is exhausted
         stream = order[worker]
-        yield from self._stream(streams[stream], consumed[stream] * self.batch_size)
+        start, end = ranges[stream]
+        yield from self._stream(start, end, consumed[stream] * self.batch_size)
 
 
 # The public name of the training stream (one class, documented there).
 conversation_dataset = ConversationShards
 
 
-def samples_per_rank(shard_dir: Path, *, world_size: int, seed: int, epoch: int) -> list[int]:
-    """Samples each rank reads in ``epoch`` (ranks differ when shard sizes or counts do)."""
-    counts = [s["count"] for s in read_index(shard_dir)["shards"]]
+def samples_per_rank(shard_dir: Path, *, world_size: int) -> list[int]:
+    """Samples each rank reads per epoch (equal up to one; the same every epoch)."""
+    total = count_samples(shard_dir)
+    return [
+        end - start
+        for start, end in (
+            rank_range(total, rank=r, world_size=world_size) for r in range(world_size)
+        )
+    ]
+
+
+def rank_batches(
+    total: int, *, world_size: int, num_workers: int, batch_size: int, drop_last: bool = False
+) -> list[int]:
+    """Batches each rank's DataLoader yields per epoch of ``total`` samples (workers batch their
+    own streams). Distributed training must step every rank the same number of times: the
+    plan takes the minimum."""
     return [
         sum(
-            counts[i]
-            for i in rank_shards(len(counts), rank=r, world_size=world_size, seed=seed, epoch=epoch)
+            _n_batches(end - start, batch_size, drop_last)
+            for start, end in stream_ranges(
+                total,
+                rank=r,
+                world_size=world_size,
+                num_workers=num_workers,
+                batch_size=batch_size,
+            )
         )
         for r in range(world_size)
     ]
@@ -579,21 +676,83 @@ def batches_per_rank(
     shard_dir: Path,
     *,
     world_size: int,
-    seed: int,
-    epoch: int,
     num_workers: int,
     batch_size: int,
     drop_last: bool = False,
 ) -> list[int]:
-    """Batches each rank's DataLoader yields in ``epoch`` (workers batch their own streams).
+    """``rank_batches`` of a shard directory."""
+    return rank_batches(
+        count_samples(shard_dir),
+        world_size=world_size,
+        num_workers=num_workers,
+        batch_size=batch_size,
+        drop_last=drop_last,
+    )
 
-    Distributed training must step every rank the same number of times: take the minimum.
-    """
-    counts = [s["count"] for s in read_index(shard_dir)["shards"]]
-    workers = max(num_workers, 1)  # num_workers=0 reads in the main process: one stream
-    out = []
+
+def epoch_coverage(
+    total: int,
+    *,
+    world_size: int,
+    num_workers: int,
+    batch_size: int,
+    grad_accum: int = 1,
+    drop_last: bool = False,
+) -> tuple[int, int]:
+    """(micro-batches every rank steps per epoch, samples those batches hold, all ranks).
+
+    Every rank steps the minimum over ranks of its batches, rounded down to whole optimizer
+    steps; the batches a rank yields past that, in the DataLoader's round-robin order over its
+    workers, are never seen."""
+    per_rank = rank_batches(
+        total,
+        world_size=world_size,
+        num_workers=num_workers,
+        batch_size=batch_size,
+        drop_last=drop_last,
+    )
+    micro = min(per_rank) // grad_accum * grad_accum
+    seen = 0
     for r in range(world_size):
-        mine = rank_shards(len(counts), rank=r, world_size=world_size, seed=seed, epoch=epoch)
-        sizes = [sum(counts[i] for i in mine[w::workers]) for w in range(workers)]
-        out.append(sum(_n_batches(n, batch_size, drop_last) for n in sizes))
-    return out
+        ranges = stream_ranges(
+            total, rank=r, world_size=world_size, num_workers=num_workers, batch_size=batch_size
+        )
+        sizes = [end - start for start, end in ranges]
+        batches = [_n_batches(n, batch_size, drop_last) for n in sizes]
+        consumed, _ = _resume_plan(batches, micro)
+        seen += sum(min(c * batch_size, n) for c, n in zip(consumed, sizes, strict=True))
+    return micro, seen
+
+
+def check_coverage(
+    total: int,
+    *,
+    world_size: int,
+    num_workers: int,
+    batch_size: int,
+    grad_accum: int = 1,
+    max_dropped: float = 0.01,
+    where: str = "training data",
+) -> tuple[int, int]:
+    """``epoch_coverage``, raising when an epoch would leave more than ``max_dropped`` of the
+    samples unseen (or no full optimizer step); the message names every number."""
+    micro, seen = epoch_coverage(
+        total,
+        world_size=world_size,
+        num_workers=num_workers,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+    )
+    setup = (
+        f"{where}: {total} samples over {world_size} ranks x {max(num_workers, 1)} loader "
+        f"workers, micro-batches of {batch_size} x {grad_accum} accumulation"
+    )
+    if micro < grad_accum or micro == 0:
+        raise ValueError(f"{setup}: not one optimizer step per epoch (too few samples)")
+    if total - seen > max_dropped * total:
+        raise ValueError(
+            f"{setup}: an epoch would see {seen} samples, dropping {total - seen} "
+            f"({(total - seen) / total:.1%} > {max_dropped:.0%}); use fewer ranks or a "
+            "smaller global batch"
+        )
+    return micro, seen

@@ -131,12 +131,16 @@ class QwenVLCollator:
 
     Holds only the processor (picklable: data-loader workers get a copy). ``max_length`` cuts
     right-padded rows to that many tokens (image tokens count); cutting into the image, or
-    every label of a sample, raises ValueError naming the sample.
+    every label of a sample, raises ValueError naming the sample. ``count_truncated``: the batch
+    also holds ``truncated``, how many samples were cut (for the train log; not a model input).
     """
 
-    def __init__(self, processor: Any, *, max_length: int | None = None) -> None:
+    def __init__(
+        self, processor: Any, *, max_length: int | None = None, count_truncated: bool = False
+    ) -> None:
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be positive, got {max_length}")
+        self.count_truncated = count_truncated
         self.processor = processor
         self.max_length = max_length
         self.image_token = processor.image_token
@@ -194,8 +198,12 @@ class QwenVLCollator:
         offsets = encoded.pop("offset_mapping")
         batch = dict(encoded)
         batch["labels"] = self._labels(batch, offsets, texts, spans, names)
+        truncated = 0
         if self.max_length is not None and batch["input_ids"].shape[1] > self.max_length:
+            truncated = int((batch["attention_mask"].sum(1) > self.max_length).sum())
             batch = self._truncate(batch, names)
+        if self.count_truncated:
+            batch["truncated"] = truncated
         return batch
 
     def _labels(
@@ -297,9 +305,13 @@ class TrainableHubVLM(nn.Module):
                     f"parameter {name} is in {counts.get(id(param), 0)} parameter groups, not 1"
                 )
 
-    def collate_fn(self, *, max_length: int | None = None) -> QwenVLCollator:
+    def collate_fn(
+        self, *, max_length: int | None = None, count_truncated: bool = False
+    ) -> QwenVLCollator:
         """The trainer's batch builder for this model (picklable: no weights inside)."""
-        return QwenVLCollator(self.processor, max_length=max_length)
+        return QwenVLCollator(
+            self.processor, max_length=max_length, count_truncated=count_truncated
+        )
 
     def forward(self, **batch: Any):
         """``model(**batch)`` -> transformers output (``loss`` when ``labels`` are given).

@@ -208,9 +208,11 @@ class LlavaVLM(nn.Module):
             "llm": list(self.llm.parameters()),
         }
 
-    def collate_fn(self, *, max_length: int | None = None) -> Collator:
+    def collate_fn(
+        self, *, max_length: int | None = None, count_truncated: bool = False
+    ) -> Collator:
         """The trainer's batch builder for this model (picklable: no weights inside)."""
-        return Collator(self, max_length=max_length)
+        return Collator(self, max_length=max_length, count_truncated=count_truncated)
 
     def save(
         self,
@@ -611,9 +613,14 @@ def load_vlm(
 
 class Collator:
     """Builds training batches for a VLM without holding its weights, so that it can be sent to
-    data-loader worker processes: ``Collator(vlm, max_length=...)(samples)`` = ``collate``."""
+    data-loader worker processes: ``Collator(vlm, max_length=...)(samples)`` = ``collate``.
+    ``count_truncated``: the batch also holds ``truncated``, how many samples were cut to
+    ``max_length`` (for the train log; not a model input)."""
 
-    def __init__(self, vlm: LlavaVLM, *, max_length: int | None = None) -> None:
+    def __init__(
+        self, vlm: LlavaVLM, *, max_length: int | None = None, count_truncated: bool = False
+    ) -> None:
+        self.count_truncated = count_truncated
         self.template = vlm.template
         self.tokenizer = vlm.tokenizer
         self.num_patches = vlm.vision.num_patches
@@ -627,7 +634,7 @@ class Collator:
     ) -> dict[str, torch.Tensor | None]:
         if not samples:
             raise ValueError("collate: empty batch")
-        rows, targets, names = [], [], []
+        rows, targets, names, truncated = [], [], [], 0
         for record, image in samples:
             name = str(record.get("id", "<no id>"))
             limit = self.max_length
@@ -638,8 +645,17 @@ class Collator:
                 self.tokenizer,
                 record.get("conversations"),
                 sample_id=name,
-                max_length=limit,
+                max_length=None if self.count_truncated else limit,
             )
+            if self.count_truncated and limit is not None and len(ids) > limit:
+                truncated += 1
+                ids, labels = tokenize_conversation(
+                    self.template,
+                    self.tokenizer,
+                    record.get("conversations"),
+                    sample_id=name,
+                    max_length=limit,
+                )
             rows.append(ids)
             targets.append(labels)
             names.append(name)
@@ -647,12 +663,15 @@ class Collator:
         _check_image_rows(rows, [image is not None for image in images], names)
         input_ids, attention_mask = _pad_rows(rows, self.pad_token_id, side="right")
         labels, _ = _pad_rows(targets, IGNORE_INDEX, side="right")
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
             "pixel_values": pixel_batch(images, self.preprocess, self.image_size),
         }
+        if self.count_truncated:
+            batch["truncated"] = truncated
+        return batch
 
 
 def collate(

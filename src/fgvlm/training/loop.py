@@ -81,6 +81,8 @@ def train(
     log_path: Path | None = None,
     flops_per_token: float | None = None,
     peak_flops: float | None = None,
+    log_every: int = 1,
+    epoch_samples: int | None = None,
     on_step: Callable[[int, Any], None] | None = None,
     finish: Callable[[Any, TrainResult], None] | None = None,
 ) -> TrainResult:
@@ -88,6 +90,10 @@ def train(
 
     ``batches(epoch, skip)`` yields this rank's micro-batches of one epoch (dicts for
     ``model(**batch)``), skipping the first ``skip`` (already consumed before a resume).
+    A batch may carry ``truncated`` (samples its collator cut to ``max_length``): counted, not
+    passed on. Every ``log_every`` steps (the loop's only host syncs, SIGTERM checks included)
+    a log line gives loss, tokens/s on LM positions and, with ``flops_per_token`` and
+    ``peak_flops``, MFU; every epoch's end, the samples it saw (all ranks) of ``epoch_samples``.
     Resumes from the newest intact checkpoint in ``state_dir``, if any. ``on_step(step, model)``
     is called after every optimizer step (observation only); ``finish(model, result)`` on every
     rank after the last one, with the model ``accelerator.prepare`` returned (e.g. ``save_model``).
@@ -103,7 +109,7 @@ def train(
         for line in describe(recipe, schedules):
             log.info(line)
     groups = trainable_groups(model, schedules)
-    optimizer = torch.optim.AdamW(groups, weight_decay=recipe.weight_decay)
+    optimizer = make_optimizer(groups, recipe, fused=accelerator.device.type == "cuda")
     start_of = {group.name: group.start_step for group in schedules}
     starts = [start_of[g["name"]] for g in groups]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -149,7 +155,10 @@ def train(
         unit="step",
         disable=not accelerator.is_main_process,
     )
-    started, tokens, last_loss, micro_losses = time.perf_counter(), 0, float("nan"), []
+    started, last_loss = time.perf_counter(), float("nan")
+    # device-side running sums: read on the host only when a log line is due
+    window = _Window(accelerator.device)
+    samples_in_epoch, truncated_in_epoch = 0, 0
     micro_per_epoch = plan.steps_per_epoch * plan.grad_accum
     try:
         model.train()
@@ -157,6 +166,10 @@ def train(
             consumed = 0
             for batch in batches(epoch, micro_in_epoch):
                 consumed += 1
+                truncated = int(batch.get("truncated", 0))
+                batch = {k: v for k, v in batch.items() if k != "truncated"}
+                truncated_in_epoch += truncated
+                samples_in_epoch += int(batch["attention_mask"].shape[0])
                 with accelerator.accumulate(model):
                     out = model(**batch)
                     accelerator.backward(out.loss)
@@ -172,36 +185,46 @@ def train(
                     optimizer.step()  # a no-op until the accumulation cycle completes
                     optimizer.zero_grad(set_to_none=True)
                 micro_in_epoch += 1
-                tokens += _lm_positions(accelerator.unwrap_model(model), batch)
-                micro_losses.append(float(out.loss.detach()))
+                positions = _lm_positions(accelerator.unwrap_model(model), batch)
+                window.add(out.loss.detach(), positions)
+                window.truncated += truncated
                 if not scheduler_due:
                     continue
                 scheduler.step()
                 step += 1
-                last_loss, micro_losses = sum(micro_losses) / len(micro_losses), []
                 for start, name, _ in late:
                     if step == start:
                         log.info("step %d: group %s learns from now on", step, name)
-                _log_step(
-                    log_file,
-                    accelerator,
-                    step,
-                    epoch,
-                    last_loss,
-                    optimizer,
-                    tokens,
-                    time.perf_counter() - started,
-                    flops_per_token,
-                    peak_flops,
-                )
+                due = step % log_every == 0 or step == plan.total_steps
+                if due:
+                    last_loss = window.flush(
+                        log_file if accelerator.is_main_process else None,
+                        step=step,
+                        epoch=epoch,
+                        lrs={g["name"]: g["lr"] for g in optimizer.param_groups},
+                        flops_per_token=flops_per_token,
+                        peak_flops=peak_flops,
+                    )
+                    bar.set_postfix(loss=f"{last_loss:.3f}")
                 if on_step is not None:
                     on_step(step, accelerator.unwrap_model(model))
-                bar.set_postfix(loss=f"{last_loss:.3f}")
                 bar.update(1)
                 end_of_epoch = micro_in_epoch >= micro_per_epoch
                 if end_of_epoch:
+                    _log_epoch(
+                        log_file,
+                        accelerator,
+                        step,
+                        epoch,
+                        samples_in_epoch,
+                        truncated_in_epoch,
+                        epoch_samples,
+                    )
                     epoch, micro_in_epoch = epoch + 1, 0
-                stopping = _any_rank(stop.requested, accelerator)
+                    samples_in_epoch, truncated_in_epoch = 0, 0
+                stopping = (due or step % checkpoint_every == 0) and _any_rank(
+                    stop.requested, accelerator
+                )
                 if step % checkpoint_every == 0 or stopping or step == plan.total_steps:
                     position = {"epoch": epoch, "micro": micro_in_epoch}
                     save_checkpoint(
@@ -223,6 +246,8 @@ def train(
         bar.close()
         if log_file:
             log_file.close()
+    if window.micro:  # the loss of steps after the last log line
+        last_loss = window.flush(None, step=step, epoch=epoch, lrs={})
     result = TrainResult(step, time.perf_counter() - started, last_loss, resumed)
     if finish is not None:
         finish(model, result)
@@ -241,9 +266,10 @@ def _any_rank(flag: bool, accelerator: Any) -> bool:
     return bool(value.item())
 
 
-def _lm_positions(model: Any, batch: dict) -> int:
-    """Positions the LM processes in a batch: text tokens plus each spliced image's patches."""
-    count = int(batch["attention_mask"].sum())
+def _lm_positions(model: Any, batch: dict) -> torch.Tensor:
+    """Positions the LM processes in a batch: text tokens plus each spliced image's patches
+    (a device tensor: reading it would sync)."""
+    count = batch["attention_mask"].sum()
     pixels = batch.get("pixel_values")
     patches = getattr(getattr(model, "vision", None), "num_patches", None)
     if pixels is not None and patches:
@@ -251,17 +277,76 @@ def _lm_positions(model: Any, batch: dict) -> int:
     return count
 
 
-def _log_step(log_file, accelerator, step, epoch, loss, optimizer, tokens, elapsed, fpt, peak):
-    """One JSON line per optimizer step: loss, learning rates, tokens/s and (with peak FLOPs) MFU."""
-    if not (log_file and accelerator.is_main_process):
-        return
-    record = {
-        "step": step,
-        "epoch": epoch,
-        "loss": loss,
-        "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
-        "tokens_per_s": tokens / elapsed if elapsed else None,
-        "mfu": fpt * tokens / elapsed / peak if (fpt and peak and elapsed) else None,
-    }
-    log_file.write(json.dumps(record) + "\n")
-    log_file.flush()
+def make_optimizer(groups: list[dict], recipe: Recipe, *, fused: bool) -> torch.optim.AdamW:
+    """AdamW over the learning groups; ``fused``: one kernel for all parameters (same update)."""
+    return torch.optim.AdamW(groups, weight_decay=recipe.weight_decay, fused=fused or None)
+
+
+class _Window:
+    """Loss and LM positions since the last log line, summed on the device (no host sync)."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self.started = time.perf_counter()
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros((), device=self.device)
+        self.positions = torch.zeros((), device=self.device, dtype=torch.long)
+        self.micro, self.steps, self.truncated = 0, 0, 0
+
+    def add(self, loss: torch.Tensor, positions: torch.Tensor) -> None:
+        self.loss += loss.float()
+        self.positions += positions
+        self.micro += 1
+
+    def flush(
+        self,
+        log_file: Any,
+        *,
+        step: int,
+        epoch: int,
+        lrs: dict,
+        flops_per_token: float | None = None,
+        peak_flops: float | None = None,
+    ) -> float:
+        """Write one JSON line (when ``log_file``) and start a new window; the mean loss."""
+        now = time.perf_counter()
+        elapsed, positions = now - self.started, int(self.positions)
+        loss = float(self.loss) / max(1, self.micro)
+        if log_file is not None:
+            rate = positions / elapsed if elapsed else None
+            record = {
+                "step": step,
+                "epoch": epoch,
+                "loss": loss,
+                "lr": lrs,
+                "tokens_per_s": rate,
+                "mfu": flops_per_token * rate / peak_flops
+                if (flops_per_token and peak_flops and rate)
+                else None,
+                "truncated": self.truncated,
+            }
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+        self.started = now
+        self.reset()
+        return loss
+
+
+def _log_epoch(log_file, accelerator, step, epoch, samples, truncated, total) -> None:
+    """One JSON line at an epoch's end: the samples all ranks saw of those that exist."""
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        counts = torch.tensor([samples, truncated], device=accelerator.device)
+        dist.all_reduce(counts)
+        samples, truncated = (int(c) for c in counts.tolist())
+    line = f"epoch {epoch}: saw {samples} samples"
+    line += f" of {total}" if total else ""
+    log.info("%s (%d truncated to max_length)", line, truncated)
+    if log_file and accelerator.is_main_process:
+        record = {"step": step, "epoch_end": epoch, "samples_seen": samples}
+        record["samples_total"] = total
+        log_file.write(json.dumps({**record, "truncated": truncated}) + "\n")
+        log_file.flush()

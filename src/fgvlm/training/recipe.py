@@ -26,6 +26,9 @@ from typing import Any
 
 # the keys of every trainable model's parameter_groups(), in the order they are logged
 GROUPS = ("vision", "connector", "llm")
+# how a multi-GPU stage holds its weights (``Recipe.resolved_sharding``): DDP on a replica per
+# GPU, FSDP sharded within a node and replicated across nodes, FSDP sharded across all GPUs
+SHARDINGS = ("auto", "replicate", "hybrid", "full")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,10 @@ class Recipe:
     max_length: int | None = None
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    group_batches: int = 0
+    activation_checkpointing: bool = True
+    sharding: str = "auto"
+    compile: bool = False
 
     @classmethod
     def from_config(cls, recipe: dict) -> Recipe:
@@ -65,6 +72,17 @@ class Recipe:
             raise ValueError(f"recipe: updating {self.updating!r} needs llm_lr")
         if not 0.0 <= self.connector_only_fraction < 1.0:
             raise ValueError("recipe.connector_only_fraction must be in [0, 1)")
+        if self.sharding not in SHARDINGS:
+            raise ValueError(f"recipe.sharding: {self.sharding!r} is not one of {SHARDINGS}")
+
+    def resolved_sharding(self) -> str:
+        """``sharding`` with ``auto`` decided: a connector-only recipe trains a few million
+        parameters beside a frozen LLM, so a bf16 replica per GPU with DDP on the connector beats
+        sharding frozen weights across nodes; a recipe that trains the LLM shards within a node
+        and replicates across nodes (``hybrid``: its all-gathers stay on NVLink)."""
+        if self.sharding != "auto":
+            return self.sharding
+        return "replicate" if self.updating == "connector" else "hybrid"
 
 
 def recipe_for(stage: str, *, updating: str, arch: str) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -70,26 +69,25 @@ def initial_model(
 
 
 def micro_batches_per_epoch(
-    data_dir: Path, recipe: Recipe, *, world_size: int, seed: int, workers: int
-) -> int:
-    """Micro-batches every rank can yield in every epoch of the run (ranks hold whole shards)."""
-    from fgvlm.data.shards import batches_per_rank
+    data_dir: Path, recipe: Recipe, *, world_size: int, workers: int
+) -> tuple[int, int, int]:
+    """(micro-batches every rank steps per epoch, samples they hold, samples that exist).
+
+    Checked before the model is loaded: raises, naming the numbers, when ranks x loader workers
+    would leave more than 1% of an epoch unseen."""
+    from fgvlm.data.shards import check_coverage, count_samples
 
     per_device = per_device_batch(recipe, world_size)
-    epochs = max(1, math.ceil(recipe.epochs))
-    return min(
-        min(
-            batches_per_rank(
-                data_dir,
-                world_size=world_size,
-                seed=seed,
-                epoch=epoch,
-                num_workers=workers,
-                batch_size=per_device,
-            )
-        )
-        for epoch in range(epochs)
+    total = count_samples(data_dir)
+    micro, seen = check_coverage(
+        total,
+        world_size=world_size,
+        num_workers=workers,
+        batch_size=per_device,
+        grad_accum=max(1, recipe.global_batch // (world_size * per_device)),
+        where=str(data_dir),
     )
+    return micro, seen, total
 
 
 def job_identity(spec: dict, inputs: dict[str, Path | None], world_size: int) -> dict:
@@ -124,12 +122,16 @@ def run_training(
     checkpoint_every: int = 500,
     dataloader_workers: int = 0,
     shuffle_buffer: int = 1000,
+    log_every: int = 1,
+    peak_tflops: float | None = None,
 ) -> dict:
     """Train one stage and save the model to ``out_dir`` (see ``fgvlm.stages.train_stage``).
 
-    Samples are shuffled within each shard through a seeded buffer of ``shuffle_buffer``.
-    A job that finished before but whose output is gone (Snakemake died while it ran, and
-    ``--rerun-incomplete`` deleted it) writes the output again from ``state_dir``, untrained."""
+    Samples are shuffled within each shard through a seeded buffer of ``shuffle_buffer``; the
+    train log gets a line every ``log_every`` steps, with MFU against ``peak_tflops`` per GPU
+    (None: the GPU's datasheet value, when known). A job that finished before but whose output
+    is gone (Snakemake died while it ran, and ``--rerun-incomplete`` deleted it) writes the
+    output again from ``state_dir``, untrained."""
     from accelerate import Accelerator, PartialState
 
     seed = spec["seed"]
@@ -153,12 +155,14 @@ def run_training(
         return json.loads(final.read_text())["summary"]
     # 1. The recipe and the run's arithmetic: every rank yields the same micro-batches per epoch.
     recipe = Recipe.from_config(spec["recipe"])
-    micro = micro_batches_per_epoch(
-        data_dir, recipe, world_size=state.num_processes, seed=seed, workers=dataloader_workers
+    micro, seen, total = micro_batches_per_epoch(
+        data_dir, recipe, world_size=state.num_processes, workers=dataloader_workers
     )
     plan = make_plan(recipe, state.num_processes, micro_batches_per_epoch=micro)
-    log.info("plan: %s", plan)
-    # 2. The strategy: one process, DDP, FSDP or DeepSpeed, as the launcher's environment says.
+    log.info("plan: %s; an epoch sees %d of %d samples", plan, seen, total)
+    # 2. The strategy: one process, DDP, FSDP or DeepSpeed, as the launcher's environment says,
+    # FSDP sharded as the recipe asks.
+    sharding = apply_sharding(recipe, os.environ)
     accelerator = Accelerator(
         cpu=device == "cpu",
         mixed_precision="bf16" if device == "cuda" else "no",
@@ -175,19 +179,26 @@ def run_training(
         device=str(accelerator.device),
     )
     check_saveable(model, accelerator)
-    if accelerator.device.type == "cuda" and not os.environ.get("FSDP_ACTIVATION_CHECKPOINTING"):
-        # activation memory of 7B LMs; under FSDP the accelerate config does it instead
-        language_model = getattr(model, "llm", None) or model.model  # LlavaVLM / TrainableHubVLM
+    language_model = getattr(model, "llm", None) or model.model  # LlavaVLM / TrainableHubVLM
+    if sharding == "replicate" and recipe.updating == "connector" and device == "cuda":
+        # frozen for the whole run: a bf16 replica halves its memory, autocast computes in bf16
+        language_model.to(torch.bfloat16)
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    if recipe.activation_checkpointing and accelerator.device.type == "cuda" and not fsdp:
+        # under FSDP the recipe's switch is FSDP_ACTIVATION_CHECKPOINTING (apply_sharding)
         language_model.gradient_checkpointing_enable()
+    if recipe.compile and accelerator.device.type == "cuda":
+        compile_layers(language_model)
     # 4. The data: this rank's shards, rendered by the model's own collator.
     batches = _rank_batches(
         data_dir,
-        model.collate_fn(max_length=recipe.max_length),
+        model.collate_fn(max_length=recipe.max_length, count_truncated=True),
         plan,
         accelerator,
         seed=seed,
         shuffle_buffer=shuffle_buffer,
         workers=dataloader_workers,
+        group_batches=recipe.group_batches,
     )
     # 5. Train: freezes and unfreezes the groups as the recipe says, then saves on rank 0.
     summary: dict = {}
@@ -214,6 +225,10 @@ def run_training(
         checkpoint_every=checkpoint_every,
         accelerator=accelerator,
         log_path=state_dir / "train_log.jsonl",
+        flops_per_token=flops_per_position(model, recipe),
+        peak_flops=peak_flops(accelerator.device, peak_tflops),
+        log_every=log_every,
+        epoch_samples=total,
         finish=finish,
     )
     # 6. The job is complete: its output kept for a rerun that lost it, nothing left to resume.
@@ -234,6 +249,7 @@ def _rank_batches(
     seed: int,
     shuffle_buffer: int,
     workers: int,
+    group_batches: int = 0,
 ) -> Callable[[int, int], Iterator[dict]]:
     """``batches(epoch, skip)`` for ``train``: this rank's micro-batches on its device."""
     from torch.utils.data import DataLoader
@@ -250,13 +266,19 @@ def _rank_batches(
             shuffle_buffer=shuffle_buffer,
             skip_batches=skip,
             batch_size=plan.per_device_batch,
+            group_batches=group_batches,
         )
         loader = DataLoader(
-            dataset, batch_size=plan.per_device_batch, collate_fn=collate, num_workers=workers
+            dataset,
+            batch_size=plan.per_device_batch,
+            collate_fn=collate,
+            num_workers=workers,
+            pin_memory=accelerator.device.type == "cuda",
         )
         for batch in loader:
             batch = {
-                k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()
+                k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items()
             }
             # no KV cache: FSDP's activation checkpointing reruns each decoder layer in the
             # backward pass, which would append to the cache twice (HF's own checkpointing
@@ -264,3 +286,56 @@ def _rank_batches(
             yield {**batch, "use_cache": False}
 
     return batches
+
+
+def apply_sharding(recipe: Recipe, env: dict) -> str:
+    """Set the recipe's sharding in ``env`` (``os.environ``) before ``Accelerator()`` reads it.
+
+    Only under an FSDP accelerate config (``ACCELERATE_USE_FSDP``): ``replicate`` turns FSDP off
+    (DDP), ``hybrid``/``full`` pick FSDP's strategy; the recipe's activation checkpointing
+    replaces the config file's. Returns the sharding in effect (``none`` without FSDP)."""
+    if env.get("ACCELERATE_USE_FSDP", "").lower() != "true":
+        return "none"
+    sharding = recipe.resolved_sharding()
+    if sharding == "replicate":
+        env["ACCELERATE_USE_FSDP"] = "false"
+    else:
+        env["FSDP_SHARDING_STRATEGY"] = {"hybrid": "HYBRID_SHARD", "full": "FULL_SHARD"}[sharding]
+        env["FSDP_ACTIVATION_CHECKPOINTING"] = str(recipe.activation_checkpointing).lower()
+    log.info("sharding: %s", sharding)
+    return sharding
+
+
+def compile_layers(language_model: Any) -> None:
+    """``torch.compile`` every decoder layer in place: FSDP still wraps the same modules."""
+    layers = getattr(getattr(language_model, "model", language_model), "layers", None)
+    if layers is None:
+        raise ValueError(f"compile: {type(language_model).__name__} has no decoder layers")
+    for layer in layers:
+        layer.compile()
+
+
+# dense bf16 peak per GPU (datasheets), by a substring of torch.cuda.get_device_name()
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
+
+
+def peak_flops(device: torch.device, peak_tflops: float | None) -> float | None:
+    """FLOP/s one device can do: ``peak_tflops`` if given, else its datasheet's (None: unknown)."""
+    if peak_tflops:
+        return peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def flops_per_position(model: Any, recipe: Recipe) -> float:
+    """Model FLOPs per LM position of a training step: 2N forward + 2N activation gradients
+    through the LLM's N parameters, + 2N weight gradients when the LLM learns (connector alike).
+    The frozen vision tower's forward and attention's quadratic term are left out: MFU on LM
+    positions, a lower bound."""
+    groups = model.parameter_groups()
+    llm = sum(p.numel() for p in groups["llm"])
+    connector = sum(p.numel() for p in groups["connector"])
+    llm_learns = recipe.updating in ("full", "llm")
+    return float((6 if llm_learns else 4) * llm + 6 * connector)
