@@ -276,3 +276,24 @@ def test_prompt_styles_are_config_not_code(paper):
     # our own checkpoints, the Qwen2-VL base finetuned on LLaVA data included: LLaVA's wording
     for row in ("clip_vicuna_llavapt", "qwen2vl_base_ft_llava"):
         assert vlm_eval_spec(paper, row, "flowers")["model"]["style"] == "llava"
+
+
+def test_open_questions_are_asked_without_their_scoring_options():
+    """An MMMU open question is scored against (gold text, "Other Answers"), which the model
+    must not see: the prompt has no options and no letter instruction."""
+    from fgvlm.evaluate.scoring import question_items
+
+    record = {
+        "qid": "mmmu-7",
+        "question": "What is the value of x?",
+        "options": ["42", "Other Answers"],
+        "open": True,
+    }
+    for style in ("llava", "qwen2_vl", "vlmevalkit_default", "idefics2_mmmu", "molmo"):
+        (item,) = question_items([(record, None)], style=style)
+        assert "42" not in item.prompt and "Other Answers" not in item.prompt, style
+        assert "What is the value of x?" in item.prompt
+        assert "letter" not in item.prompt and "select the correct answer" not in item.prompt
+        assert item.options == ["42", "Other Answers"]
+    (item,) = question_items([(record, None)], style="llava")
+    assert item.prompt == "What is the value of x?\nAnswer the question directly."

@@ -183,6 +183,22 @@ def mcq_prompt(
     return f"Question:{question_part}\n{hint_part}\nChoices:{choices}"
 
 
+def open_prompt(question: str, *, hint: str | None = None, style: str = "llava") -> str:
+    """The user text of an open (non-multiple-choice) question, as VLMEvalKit builds MMMU's:
+    no options and no letter instruction; LLaVA's wording asks for a direct answer. The reader
+    gives such a question the options (gold text, "Other Answers") it is scored against."""
+    hint = hint if hint and hint.strip() else None
+    if style in ("llava", "cogvlm"):
+        head = f"{hint}\n{question}" if hint else question
+        return f"{head}\nAnswer the question directly."
+    if style not in STYLE_SOURCES:
+        raise ValueError(f"unknown prompt style {style!r}; valid: {', '.join(STYLES)}")
+    prompt = (f"Hint: {hint}\n" if hint else "") + f"Question: {question}\n"
+    if style.endswith("_mmmu"):
+        prompt = _joined_at_images(prompt)
+    return prompt if style == "vlmevalkit_default" else prompt.strip()
+
+
 def _idefics2_mmmu(prompt: str) -> str:
     """IDEFICS2.build_prompt_mmmu's text: each part stripped, "Question:" dropped, "Choices:"
     and its instruction, " <image k> " between the parts."""

@@ -39,7 +39,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from fgvlm.evaluate.answers import extract_answer
-from fgvlm.evaluate.prompts import cloze_prompt, mcq_prompt
+from fgvlm.evaluate.prompts import cloze_prompt, mcq_prompt, open_prompt
 from fgvlm.io import write_parquet
 from fgvlm.mcq import MCQItem, MCQModel, option_letters
 
@@ -468,9 +468,12 @@ def question_items(
         for key in ("qid", "question", "options"):
             if key not in record:
                 raise ValueError(f"question {record.get('qid', '?')}: record lacks {key!r}")
-        prompt = mcq_prompt(
-            record["question"], list(record["options"]), hint=record.get("hint"), style=style
-        )
+        if record.get("open"):  # no options shown: they hold the gold answer's text
+            prompt = open_prompt(record["question"], hint=record.get("hint"), style=style)
+        else:
+            prompt = mcq_prompt(
+                record["question"], list(record["options"]), hint=record.get("hint"), style=style
+            )
         cloze = (
             cloze_prompt(record["question"], hint=record.get("hint"))
             if option_prompt == "cloze"
