@@ -89,7 +89,7 @@ def test_bf16_and_fp32_answers_agree_on_the_demo(demo):
     """The demo's scoring mode; generate's answers are compared by the GPU benchmark (CPU
     bf16 generation is slow)."""
     mode = "option_likelihood"
-    spec = {"kind": "trained", "name": "demo-row"}
+    spec = {"runner": "trained", "name": "demo-row"}
     runs = {}
     for dtype in ("float32", "bfloat16"):
         runner = load_runner(spec, demo["model"], device="cpu", dtype=dtype)

@@ -733,7 +733,7 @@ def test_refuses_without_trust_remote_code(fake_dirs):
     folder = fake_dirs["internvl2"]
     with pytest.raises(ValueError, match=str(folder)):
         load_remote_vlm(folder, "internvl2")
-    spec = {"kind": "hub", "name": "hub-x", "family": "internvl2", "style": "llava"}
+    spec = {"runner": "hub", "name": "hub-x", "family": "internvl2", "style": "llava"}
     with pytest.raises(ValueError, match="trust_remote_code"):
         load_runner({**spec, "trust_remote_code": False}, folder)
 
@@ -753,7 +753,7 @@ def test_missing_weights_are_an_error(tmp_path):
 
 def test_load_runner_dispatches_remote_families(fake_dirs):
     spec = {
-        "kind": "hub",
+        "runner": "hub",
         "name": "hub-cogvlm_chat",
         "family": "cogvlm",
         "style": "cogvlm",

@@ -285,13 +285,13 @@ def test_question_source_checks_the_count_and_reports_skipped_rows(tmp_path):
 
     rows = malformed(mmbench_rows(), 2, A=NAN, B=NAN)
     path = write_tsv(tmp_path / "MMBench_DEV_EN.tsv", rows)
-    spec = {"kind": "vlmeval_tsv", "split": None, "expected_count": 1164}
+    spec = {"format": "vlmeval_tsv", "split": None, "expected_count": 1164}
     with pytest.raises(ValueError, match=r"MMBench_DEV_EN.tsv: 2 questions .*expected 1164"):
         question_source({**spec, "accept_count_mismatch": False}, path)
-    stream, answers, counts = question_source({**spec, "accept_count_mismatch": True}, path)
+    raw, decode, answers, counts = question_source({**spec, "accept_count_mismatch": True}, path)
     assert answers == {"0": "A", "1": "B", "1000000": "D"}
     assert counts["base_questions"] == 2 and counts["expected_count"] == 1164
     assert counts["skipped_rows"] == [{"index": "2", "reason": "no options"}]
-    assert [record["qid"] for record, _ in stream()] == ["0", "1", "1000000"]
+    assert [decode(sample)[0]["qid"] for sample in raw()] == ["0", "1", "1000000"]
     exact = {**spec, "expected_count": 2, "accept_count_mismatch": False}
-    assert question_source(exact, path)[2]["base_questions"] == 2
+    assert question_source(exact, path)[3]["base_questions"] == 2

@@ -576,9 +576,9 @@ def vlm_models(config: dict) -> dict[str, dict]:
     models = {}
     for row in trained_rows(config):
         # every trained row, the Qwen2-VL one too, is asked in LLaVA's evaluation wording
-        kind = "hub" if row["arch"] == "qwen2_vl" else "trained"
+        runner = "hub" if row["arch"] == "qwen2_vl" else "trained"
         models[row["name"]] = {
-            "kind": kind,
+            "runner": runner,
             "name": row["name"],
             "family": evaluation["trained_family"],
             "mode": mode,
@@ -592,7 +592,7 @@ def vlm_models(config: dict) -> dict[str, dict]:
         pixels = {k: image.pop(k) for k in ("min_pixels", "max_pixels") if k in image}
         processor_kwargs = {**(vlm.get("processor_kwargs") or {}), **pixels}
         models[f"hub-{key}"] = {
-            "kind": "hub",
+            "runner": "hub",
             "name": f"hub-{key}",
             "family": hub_family(vlm),
             "mode": vlm.get("mode", mode),
@@ -615,10 +615,10 @@ def vlm_benchmarks(config: dict) -> list[str]:
 def vlm_benchmark_spec(config: dict, benchmark: str) -> dict:
     """How a benchmark's questions are read, and its primary metric."""
     if benchmark in config["benchmarks"]:
-        return {"kind": "questions", "metric": config["benchmarks"][benchmark]["metric"]}
+        return {"format": "questions", "metric": config["benchmarks"][benchmark]["metric"]}
     vqa = config["vqa_benchmarks"][benchmark]
     return {
-        "kind": "vlmeval_tsv",
+        "format": "vlmeval_tsv",
         "split": vqa["source"].get("split"),
         "metric": "accuracy",
         "expected_count": vqa["expected_count"],

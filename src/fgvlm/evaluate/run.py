@@ -65,7 +65,7 @@ def evaluate_vlm(
         max_new_tokens=model["max_new_tokens"],
         fingerprint=fingerprint,
     )
-    if benchmark["kind"] == "questions":
+    if benchmark["format"] == "questions":
         question_table = pl.read_parquet(questions)
         labels = predictions.join(question_table.select("qid", "label"), on="qid", how="left")
         details = per_class_report(predictions, question_table)

@@ -81,7 +81,7 @@ def eval_dtype(dtype: str, device: str) -> str | None:
 
 
 def load_runner(spec: dict, model_dir: Path, *, device: str = "cpu", dtype: str = "auto"):
-    """A runner for ``spec`` = {"kind": "trained"|"hub", "name", ...} with weights in ``model_dir``.
+    """A runner for ``spec`` = {"runner": "trained"|"hub", "name", ...} with weights in ``model_dir``.
 
     Hub specs with ``trust_remote_code`` and a family of ``fgvlm.models.remote.FAMILIES``
     (InternVL2, Phi-3-vision, Molmo, CogVLM: each its own model API) load through
@@ -93,12 +93,12 @@ def load_runner(spec: dict, model_dir: Path, *, device: str = "cpu", dtype: str 
     if torch.device(device).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if spec["kind"] == "trained":
+    if spec["runner"] == "trained":
         from fgvlm.models.vlm import load_vlm
 
         vlm = load_vlm(model_dir, device=device, dtype=getattr(torch, resolved or "float32"))
         return LlavaRunner(vlm, spec["name"])
-    if spec["kind"] == "hub":
+    if spec["runner"] == "hub":
         from fgvlm.models.remote import FAMILIES
 
         if spec.get("trust_remote_code") and spec.get("family") in FAMILIES:
@@ -142,14 +142,14 @@ def question_source(
     image), qid -> answer letter, counts) of a benchmark. Both functions pickle, so that loader
     workers can decode while the model runs.
 
-    ``benchmark`` = {"kind": "questions"} for question shards at ``path`` (answers from the
-    questions file; their count was checked when the manifest was built), or {"kind":
+    ``benchmark`` = {"format": "questions"} for question shards at ``path`` (answers from the
+    questions file; their count was checked when the manifest was built), or {"format":
     "vlmeval_tsv", "split", "expected_count", "accept_count_mismatch"} for a VLMEvalKit TSV file:
     its scored questions (CircularEval groups) are checked against ``expected_count``, and counts
     then include what was skipped, each question's CircularEval group and category. A TSV
     record carries every image (``images``); the stream's image is the first.
     """
-    if benchmark["kind"] == "questions":
+    if benchmark["format"] == "questions":
         import polars as pl
 
         from fgvlm.data.shards import decode_sample, iter_question_samples
@@ -160,7 +160,7 @@ def question_source(
         answers = dict(zip(key["qid"].to_list(), key["answer"].to_list(), strict=True))
         raw = partial(iter_question_samples, path, decode=False)
         return raw, decode_sample, answers, {"questions": len(answers)}
-    if benchmark["kind"] == "vlmeval_tsv":
+    if benchmark["format"] == "vlmeval_tsv":
         from fgvlm.data.vlmeval import check_count, scan_vlmeval_tsv
 
         records, counts = scan_vlmeval_tsv(path, split=benchmark.get("split"))
