@@ -139,6 +139,12 @@ def test_same_size_corruption_is_caught_by_the_sha256(tmp_path, caplog, uninterr
     assert result.resumed_from == 3 and same_weights(uninterrupted, model)
 
 
+def logged_steps(state: Path) -> list[int]:
+    """The steps of the train log's step lines (epoch-end lines left out)."""
+    records = [json.loads(line) for line in (state / "train_log.jsonl").open()]
+    return [r["step"] for r in records if "epoch_end" not in r]
+
+
 def test_no_intact_checkpoint_starts_afresh(tmp_path, caplog, uninterrupted):
     state = tmp_path / "state"
     killed(state)
@@ -148,19 +154,16 @@ def test_no_intact_checkpoint_starts_afresh(tmp_path, caplog, uninterrupted):
         model, result = run(state)
     assert f"{state}: no intact checkpoint; training starts afresh" in caplog.text
     assert result.resumed_from == 0 and same_weights(uninterrupted, model)
-    log_steps = [json.loads(line)["step"] for line in (state / "train_log.jsonl").open()]
-    assert log_steps == list(range(1, STEPS + 1))
+    assert logged_steps(state) == list(range(1, STEPS + 1))
 
 
 def test_resumed_log_holds_every_step_once(tmp_path):
     state = tmp_path / "state"
     killed(state)
-    logged = [json.loads(line)["step"] for line in (state / "train_log.jsonl").open()]
-    assert logged == list(range(1, 8))  # step 7 was logged, but its checkpoint never written
+    assert logged_steps(state) == list(range(1, 8))  # step 7 logged, its checkpoint never written
     _, result = run(state)
     assert result.resumed_from == 6
-    logged = [json.loads(line)["step"] for line in (state / "train_log.jsonl").open()]
-    assert logged == list(range(1, STEPS + 1))
+    assert logged_steps(state) == list(range(1, STEPS + 1))
 
 
 class _Evil:

@@ -35,6 +35,7 @@ SPEC = {
     "arch": "llava",
     "data": "instructions",
     "template": "vicuna_v1",
+    "image_aspect": "pad",
     "seed": 3,
     "recipe": {
         "stage": "pretrain",

@@ -71,6 +71,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
         "run": "learns",
         "arch": "llava",
         "template": "chatml",
+        "image_aspect": "pad",
         "seed": 0,
         "recipe": {
             "stage": "finetune",
