@@ -164,6 +164,16 @@ def test_demo_builds_the_ablation_table(demo_run):
 
 
 @pytest.mark.slow
+def test_demo_table1_is_a_progression_of_three_steps(demo_run):
+    """The demo's own chain (report.table1): no pretraining -> short captions -> ViT/4 ->
+    unfreezing the LLM, each step with its change beside it, as Figure 8 draws it."""
+    table1 = pl.read_csv(demo_run / "results" / "tables" / "table1.csv")
+    chain = table1.filter(pl.col("chain"))
+    assert chain.height >= 4  # 3 steps
+    assert chain["classification"].null_count() == 0
+
+
+@pytest.mark.slow
 def test_best_finetuned_row_doubles_chance_on_every_fine_grained_benchmark(demo_run):
     """Image features reach the LM in the demo's own runs (chance is 20%, 5 options)."""
     table = pl.read_csv(demo_run / "results" / "tables" / "ablations.csv")
