@@ -72,3 +72,13 @@ def job_inputs(inputs_of, *wildcard_names):
 VLM_MODELS = fc.vlm_models(config)
 VLM_BENCHMARKS = fc.vlm_benchmarks(config)
 HUB_VLMS = list(config["hub_vlms"])
+
+
+def train_download_names(kind):
+    """Wildcard pattern of the archives (or URL lists) some train_data source downloads."""
+    names = {
+        name
+        for entry in config["train_data"].values()
+        for name in kind(entry["source"])
+    }
+    return "|".join(sorted(names)) or "NONE"

@@ -2,18 +2,9 @@
 # per URL list (fetched in resumable parts: Snakemake deletes only the report before a rerun).
 
 
-def _train_downloads(kind):
-    names = {
-        name
-        for entry in config["train_data"].values()
-        for name in kind(entry["source"])
-    }
-    return "|".join(sorted(names)) or "NONE"
-
-
 wildcard_constraints:
-    archive=_train_downloads(paths.train_archives),
-    urls=_train_downloads(paths.train_url_lists),
+    archive=train_download_names(paths.train_archives),
+    urls=train_download_names(paths.train_url_lists),
 
 
 rule fetch_train_archive:

@@ -80,7 +80,7 @@ rule figures:
             )
             for name in FIGURES
         },
-        html=expand(paths.FIGURES + "/{name}.html", name=FIGURES),
+        html=expand("results/figures/{name}.html", name=FIGURES),
     log:
         "logs/aggregate/figures.log",
     conda:
