@@ -104,7 +104,7 @@ def test_bf16_and_fp32_answers_agree_on_the_demo(demo):
 
 
 def test_batch_16_answers_equal_batch_1_in_fp32(demo):
-    runner = load_runner({"kind": "trained", "name": "demo-row"}, demo["model"], dtype="float32")
+    runner = load_runner({"runner": "trained", "name": "demo-row"}, demo["model"], dtype="float32")
     items = demo["items"][::4]
     for mode in ("option_likelihood", "generate"):
         one = score(runner, items, mode=mode, batch_size=1, max_new_tokens=4)
