@@ -30,14 +30,21 @@ from fgvlm.data.conversations import (
 from fgvlm.data.download import ChecksumError
 from fgvlm.data.fetch import FetchFailed, fetch_url_list, fetched_images, url_key
 from fgvlm.data.shards import (
-    batches_per_rank,
     conversation_dataset,
     count_samples,
+    rank_batches,
+    rank_range,
     read_index,
-    samples_per_rank,
     write_conversation_shards,
 )
 from fgvlm.data.synthetic import generate_world
+
+
+def rank_size(shard_dir: Path, rank: int, world_size: int) -> int:
+    """Samples ``rank`` reads per epoch of a shard directory."""
+    start, end = rank_range(count_samples(shard_dir), rank=rank, world_size=world_size)
+    return end - start
+
 
 # 3 DataLoader workers on a 2-core machine: torch warns, the tests need the third worker
 THREE_WORKERS = pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker")
@@ -490,7 +497,7 @@ def test_ranks_times_workers_see_every_sample_once_per_epoch(shard_dir: Path) ->
                 shard_dir, rank=rank, world_size=2, seed=7, epoch=epoch, shuffle_buffer=2
             )
             ids = _loader_ids(dataset, num_workers=2)
-            assert len(ids) == samples_per_rank(shard_dir, world_size=2)[rank]
+            assert len(ids) == rank_size(shard_dir, rank, 2)
             seen += ids
         assert sorted(seen) == expected  # exactly once across 2 ranks x 2 workers
         orders[epoch] = seen
@@ -544,8 +551,8 @@ def test_resume_skips_consumed_batches_and_continues_the_stream(
         return [[r["conversations"][-1]["value"] for r, _ in batch] for batch in loader]
 
     full = batches(0)
-    total = batches_per_rank(
-        shard_dir,
+    total = rank_batches(
+        count_samples(shard_dir),
         world_size=1,
         num_workers=num_workers,
         batch_size=2,
@@ -565,7 +572,7 @@ def test_more_streams_than_shards_still_see_every_sample_once(shard_dir: Path) -
     for rank in range(5):  # 8 shards, 5 ranks x 3 workers: streams split shards
         dataset = conversation_dataset(shard_dir, rank=rank, world_size=5, seed=0, batch_size=2)
         ids = _loader_ids(dataset, num_workers=3)
-        assert len(ids) == samples_per_rank(shard_dir, world_size=5)[rank] in (4, 5)
+        assert len(ids) == rank_size(shard_dir, rank, 5) in (4, 5)
         seen += ids
     assert sorted(seen) == expected
     with pytest.raises(ValueError, match="23 samples cannot feed 24 ranks"):

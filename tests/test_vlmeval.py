@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from fgvlm.data.synthetic_vqa import write_vqa_tsv
-from fgvlm.data.vlmeval import check_count, read_vlmeval_tsv, scan_vlmeval_tsv, summarize_tsv
+from fgvlm.data.vlmeval import check_count, scan_vlmeval_tsv
 
 NAN = math.nan
 
@@ -71,19 +71,6 @@ def test_mmbench_quirks(tmp_path):
         "rows": 4, "questions": 4, "base_questions": 3, "skipped_split": 0, "open": 0, "skipped": 0,
         "image_references": 2, "multi_image": 0, "circular": 1, "skipped_rows": [],
     }  # fmt: skip
-    summary = summarize_tsv(records)
-    assert summary == {
-        "questions": 4,
-        "categories": {"attribute": 3, "shape": 1},
-        "options": {"2": 1, "3": 1, "4": 2},
-        "with_hint": 2,
-        "multi_image": 0,
-        "open": 0,
-        "circular": 1,
-        "groups": 3,
-    }
-    json.dumps(summary)  # JSON-ready
-    assert read_vlmeval_tsv(path) == records
 
 
 def mmmu_rows() -> list[dict]:
@@ -141,15 +128,15 @@ def test_mmmu_split_open_questions_and_multi_image(tmp_path):
     assert open_letter["options"] == ["B", "Other Answers"] and open_letter["answer"] == "B"
     assert [r["category"] for r in records] == ["Math", "Math", "Design", "Geography", "Art"]
     # no split: dev and validation
-    assert [r["qid"] for r in read_vlmeval_tsv(path)] == ["0", "1", "2", "3", "4", "5"]
-    assert read_vlmeval_tsv(path, split="test") == []
+    assert [r["qid"] for r in scan_vlmeval_tsv(path)[0]] == ["0", "1", "2", "3", "4", "5"]
+    assert scan_vlmeval_tsv(path, split="test")[0] == []
 
 
 def test_multi_image_names_must_match_the_images(tmp_path):
     rows = malformed(mmmu_rows(), 1, image_path=json.dumps(["only-one.jpg", "a", "b"]))
     path = write_tsv(tmp_path / "MMMU_DEV_VAL.tsv", rows)
     with pytest.raises(ValueError, match=r"row index 1: 2 images but 3 image_path names"):
-        read_vlmeval_tsv(path)
+        scan_vlmeval_tsv(path)[0]
 
 
 def test_row_without_options_is_skipped_counted_and_logged(tmp_path, caplog):
@@ -172,7 +159,7 @@ def test_non_utf8_bytes_name_file_line_and_row(tmp_path):
     with pytest.raises(
         ValueError, match=r"MMBench_DEV_EN.tsv: line 4 \(row index 2\) is not UTF-8"
     ):
-        read_vlmeval_tsv(path)
+        scan_vlmeval_tsv(path)[0]
 
 
 def test_count_check_names_file_and_both_counts(tmp_path, caplog):
@@ -194,7 +181,7 @@ def test_mmstar_layout(tmp_path):
          "l2_category": "image scene and topic", "image": [RED, GREEN, BLUE][i % 3]}
         for i in range(6)
     ]  # fmt: skip
-    records = read_vlmeval_tsv(write_tsv(tmp_path / "MMStar.tsv", rows))
+    records = scan_vlmeval_tsv(write_tsv(tmp_path / "MMStar.tsv", rows))[0]
     assert [r["answer"] for r in records] == ["A", "B", "C", "D", "A", "B"]
     assert all(r["hint"] is None and len(r["options"]) == 4 for r in records)
     assert records[3]["image"] == base64.b64decode(RED)
@@ -223,7 +210,7 @@ def malformed(rows: list[dict], index: int, **changes) -> list[dict]:
 def test_malformed_row_names_file_and_row(tmp_path, changes, message):
     path = write_tsv(tmp_path / "bad.tsv", malformed(mmbench_rows(), 2, **changes))
     with pytest.raises(ValueError, match=message) as err:
-        read_vlmeval_tsv(path)
+        scan_vlmeval_tsv(path)[0]
     assert str(path) in str(err.value)
 
 
@@ -232,25 +219,25 @@ def test_truncated_image_is_undecodable(tmp_path):
     truncated = base64.b64encode(data[: len(data) // 2]).decode()
     path = write_tsv(tmp_path / "cut.tsv", malformed(mmbench_rows(), 0, image=truncated))
     with pytest.raises(ValueError, match=r"cut.tsv: row index 0: image cannot be decoded"):
-        read_vlmeval_tsv(path)
+        scan_vlmeval_tsv(path)[0]
 
 
 def test_file_level_errors(tmp_path):
     rows = mmbench_rows()
     with pytest.raises(ValueError, match=r"nocat.tsv: missing required column\(s\) category"):
-        read_vlmeval_tsv(write_tsv(tmp_path / "nocat.tsv", [
+        scan_vlmeval_tsv(write_tsv(tmp_path / "nocat.tsv", [
             {k: v for k, v in r.items() if k != "category"} for r in rows
         ]))  # fmt: skip
     twice = write_tsv(tmp_path / "twice.tsv", [*rows, rows[2]])
     with pytest.raises(ValueError, match=r"twice.tsv: row index 2 appears twice"):
-        read_vlmeval_tsv(twice)
+        scan_vlmeval_tsv(twice)[0]
     mmstar = write_tsv(
         tmp_path / "MMStar.tsv", [{k: v for k, v in rows[0].items() if k != "split"}]
     )
     with pytest.raises(ValueError, match=r"MMStar.tsv: missing required column\(s\) split"):
-        read_vlmeval_tsv(mmstar, split="validation")
+        scan_vlmeval_tsv(mmstar, split="validation")[0]
     with pytest.raises(FileNotFoundError, match="absent.tsv"):
-        read_vlmeval_tsv(tmp_path / "absent.tsv")
+        scan_vlmeval_tsv(tmp_path / "absent.tsv")[0]
 
 
 @pytest.mark.parametrize("style", ["mmbench", "mmmu", "mmstar"])

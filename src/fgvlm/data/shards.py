@@ -9,7 +9,6 @@ text-only, the image bytes under "jpg" or "png".
 
 from __future__ import annotations
 
-import functools
 import io
 import itertools
 import json
@@ -232,32 +231,6 @@ def _split_by_worker(src: Iterable[dict], *, rank: int, shard_dir: str) -> Itera
             f"or write smaller shards"
         )
     yield from mine
-
-
-def question_dataset(
-    shard_dir: Path, *, rank: int | None = None, world_size: int | None = None
-) -> torch.utils.data.IterableDataset:
-    """A webdataset pipeline of (question record, RGB image), split by rank and DataLoader worker.
-
-    Shards go round-robin to ranks (explicit ``rank``/``world_size``, else torch.distributed when
-    initialised), then round-robin to the rank's DataLoader workers. Every rank/worker must get at
-    least one shard: #shards >= ranks x workers, else iteration raises ValueError. Samples hold PIL
-    images: use ``batch_size=None`` or a collate function that accepts them.
-    """
-    urls = shard_urls(shard_dir)
-    rank, world_size = _resolve_rank(rank, world_size)
-    if len(urls) < world_size:
-        raise ValueError(f"{shard_dir}: {len(urls)} shards cannot feed {world_size} ranks")
-    dataset = wds.WebDataset(
-        urls,
-        shardshuffle=False,
-        nodesplitter=functools.partial(
-            _split_by_rank, rank=rank, world_size=world_size, shard_dir=str(shard_dir)
-        ),
-        workersplitter=functools.partial(_split_by_worker, rank=rank, shard_dir=str(shard_dir)),
-        empty_check=False,
-    )
-    return dataset.map(decode_sample)
 
 
 # ---------------------------------------------------------------- conversation (training) shards
@@ -640,17 +613,6 @@ class ConversationShards(torch.utils.data.IterableDataset):
 conversation_dataset = ConversationShards
 
 
-def samples_per_rank(shard_dir: Path, *, world_size: int) -> list[int]:
-    """Samples each rank reads per epoch (equal up to one; the same every epoch)."""
-    total = count_samples(shard_dir)
-    return [
-        end - start
-        for start, end in (
-            rank_range(total, rank=r, world_size=world_size) for r in range(world_size)
-        )
-    ]
-
-
 def rank_batches(
     total: int, *, world_size: int, num_workers: int, batch_size: int, drop_last: bool = False
 ) -> list[int]:
@@ -670,24 +632,6 @@ def rank_batches(
         )
         for r in range(world_size)
     ]
-
-
-def batches_per_rank(
-    shard_dir: Path,
-    *,
-    world_size: int,
-    num_workers: int,
-    batch_size: int,
-    drop_last: bool = False,
-) -> list[int]:
-    """``rank_batches`` of a shard directory."""
-    return rank_batches(
-        count_samples(shard_dir),
-        world_size=world_size,
-        num_workers=num_workers,
-        batch_size=batch_size,
-        drop_last=drop_last,
-    )
 
 
 def epoch_coverage(

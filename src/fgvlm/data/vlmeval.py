@@ -271,11 +271,6 @@ def _base_record(
     }
 
 
-def read_vlmeval_tsv(path: Path, *, split: str | None = None) -> list[dict[str, Any]]:
-    """The question records of a VLMEvalKit TSV (see ``scan_vlmeval_tsv``)."""
-    return scan_vlmeval_tsv(path, split=split)[0]
-
-
 def check_count(counts: dict[str, Any], expected: int | None, path: Path, *, accept: bool) -> None:
     """Compare a benchmark's scored questions (CircularEval groups) with ``expected``.
 
@@ -291,21 +286,3 @@ def check_count(counts: dict[str, Any], expected: int | None, path: Path, *, acc
     if not accept:
         raise ValueError(f"{message}; set accept_count_mismatch: true to accept")
     log.warning("%s (accepted: accept_count_mismatch)", message)
-
-
-def summarize_tsv(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Counts of a benchmark's records, JSON-ready: questions, per category, per option count,
-    with a hint, with several images, open questions, CircularEval copies and distinct base
-    questions."""
-    return {
-        "questions": len(records),
-        "categories": dict(sorted(Counter(r["category"] for r in records).items())),
-        "options": {
-            str(k): v for k, v in sorted(Counter(len(r["options"]) for r in records).items())
-        },
-        "with_hint": sum(r["hint"] is not None for r in records),
-        "multi_image": sum(r.get("n_images", 1) > 1 for r in records),
-        "open": sum(bool(r.get("open")) for r in records),
-        "circular": sum(r["group"] != r["qid"] for r in records),
-        "groups": len({r["group"] for r in records}),
-    }
