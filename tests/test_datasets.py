@@ -389,7 +389,7 @@ def test_read_imagenet_subset(tmp_path, annotations_file, layout):
         assert _rows(frame)[-1] == ("ILSVRC2012_val_00000004", 20, names[20], "test")
 
 
-def _imagenet_spec(tmp_path, offline_downloads, **source) -> dict:
+def _imagenet_spec(tmp_path, **source) -> dict:
     """A benchmark spec of the ImageNet subset over a fabricated val folder and annotations."""
     val = tmp_path / "val"
     for number, label in [(1, 999), (3, 0), (4, 20)]:
@@ -413,7 +413,7 @@ def _imagenet_spec(tmp_path, offline_downloads, **source) -> dict:
     }
 
 
-def test_imagenet_manifest_counts_checked_against_the_paper(tmp_path, offline_downloads):
+def test_imagenet_manifest_counts_checked_against_the_paper(tmp_path):
     from fgvlm import stages
 
     outputs = {
@@ -421,9 +421,7 @@ def test_imagenet_manifest_counts_checked_against_the_paper(tmp_path, offline_do
     }
     outputs["stats"] = tmp_path / "out" / "manifest_stats.json"
     paper = {"images": 5457, "classes": 928}
-    spec = _imagenet_spec(
-        tmp_path, offline_downloads, expected_count=paper, accept_count_mismatch=False
-    )
+    spec = _imagenet_spec(tmp_path, expected_count=paper, accept_count_mismatch=False)
     with pytest.raises(ValueError) as err:
         stages.build_manifest(spec, **outputs, raw_dir=tmp_path / "raw")
     message = str(err.value)
