@@ -301,3 +301,24 @@ def test_duplicated_yaml_key_is_refused_with_both_lines(tmp_path):
         fc.load_config(study)
     study.write_text("base: &b {x: 1}\nother:\n  <<: *b\n  y: 2\n")
     assert fc.read_yaml(study)["other"] == {"x": 1, "y": 2}  # a YAML merge is not a duplicate
+
+
+def test_several_images_for_a_one_image_model_is_refused_before_any_job(tmp_path):
+    config = raw(PAPER)
+    config["hub_vlms"]["molmo_7b_d"]["image"]["all_images"] = True
+    with pytest.raises(fc.ConfigError) as err:
+        fc.validate(config)
+    message = "hub_vlms.molmo_7b_d.image.all_images: molmo models take one image per question"
+    assert str(err.value) == message
+
+
+def test_all_images_reaches_only_general_benchmark_evaluations(paper):
+    """The setting enters the evaluation params of the general benchmarks (so changing it reruns
+    those) and not of the fine-grained ones (single-image questions)."""
+    assert fc.vlm_eval_spec(paper, "hub-qwen2_vl_7b_instruct", "mmmu")["model"]["all_images"]
+    fine = fc.vlm_eval_spec(paper, "hub-qwen2_vl_7b_instruct", "flowers")["model"]
+    assert "all_images" not in fine and "all_images" not in fine["image"]
+    phi3 = fc.vlm_eval_spec(paper, "hub-phi3_vision", "mmmu")["model"]
+    assert "all_images" not in phi3 and "all_images" not in phi3.get("image", {})
+    trained = fc.trained_rows(paper)[0]["name"]
+    assert "all_images" not in fc.vlm_eval_spec(paper, trained, "mmmu")["model"]

@@ -161,6 +161,37 @@ def test_predictions_do_not_depend_on_batch_size(arch, mode, tiny_vlms):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", ["generate", "option_likelihood"])
+def test_every_image_of_a_multi_image_question_reaches_the_model(arch, mode, tiny_vlms):
+    """An item's further images follow its first, one image entry each in the chat turn,
+    before the text; they change the model's scores; answers do not depend on the batch."""
+    vlm = tiny_vlms[arch]
+    items = make_items(6)
+    second = make_items(7, seed=1)
+    multi = [
+        MCQItem(f"m-{i}", item.image, item.prompt, item.options, None, (second[i].image,))
+        for i, item in enumerate(items)
+        if item.image is not None
+    ]
+    prompt = vlm.chat_prompt(multi[0])
+    placeholder = {"llava": "<image>", "qwen2_vl": "<|image_pad|>"}[arch]
+    assert prompt.count(placeholder) == 2 and prompt.rindex(placeholder) < prompt.index("what")
+    mixed = [multi[0], items[5], multi[1], items[1], multi[2]]  # with one- and no-image items
+    runs = {
+        size: score(vlm, mixed, mode=mode, batch_size=size, max_new_tokens=4) for size in (1, 2, 5)
+    }
+    answers = {size: [(r["output"], r["pred"]) for r in run] for size, run in runs.items()}
+    assert answers[1] == answers[2] == answers[5]
+    if mode == "option_likelihood":
+        for size in (2, 5):
+            np.testing.assert_allclose(
+                [r["scores"] for r in runs[size]], [r["scores"] for r in runs[1]], atol=1e-5
+            )
+        one_image = score(vlm, [items[0]], mode=mode, batch_size=1, max_new_tokens=4)
+        assert not np.allclose(one_image[0]["scores"], runs[1][0]["scores"], atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_generate_returns_the_greedy_continuation_only(arch, tiny_vlms):
     """Batched, cached, left-padded generation equals a plain argmax loop on one sequence
     (image placeholders excluded: a random tiny model does predict them)."""

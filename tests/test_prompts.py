@@ -251,6 +251,10 @@ def test_each_released_vlm_is_prompted_as_vlmevalkit_prompts_it(protocol, paper,
         assert ("upscale" not in image, mmmu["image"]["upscale"]) == (True, 2)
     else:
         assert "tiles" not in image
+    # every image of a multi-image question for the models VLMEvalKit shows them all; the
+    # fine-grained questions have one, so their evaluations do not depend on the setting
+    assert mmmu.get("all_images", False) == entry["images"].startswith("all"), name
+    assert "all_images" not in fine and "all_images" not in image
     generation = entry["generation"]
     expected_new = generation.get("max_new_tokens", generation.get("max_length"))
     assert fine["max_new_tokens"] == mmmu["max_new_tokens"] == expected_new

@@ -220,14 +220,15 @@ class Phi3VForCausalLM(FakeBase):
     config_class = Phi3VConfig
 
     def _embeds(self, input_ids, pixel_values, image_sizes):
+        # as Phi-3-V's image embedding: every image's features, in order, fill the negative
+        # placeholder positions of the batch row after row
         embeds = self.embed(input_ids)
         if pixel_values is not None:
-            b, crops = pixel_values.shape[:2]
             feats = self.features(pixel_values.flatten(0, 1), self.config.tokens_per_crop)
-            feats = feats.reshape(b, -1, feats.shape[-1])
-            for row in range(b):
-                where = (input_ids[row] < 0).nonzero().flatten()
-                embeds[row, where] = feats[row, : len(where)].to(embeds.dtype)
+            feats = feats.reshape(-1, feats.shape[-1])
+            where = (input_ids < 0).nonzero()
+            assert len(where) == len(feats), (len(where), len(feats))
+            embeds[where[:, 0], where[:, 1]] = feats.to(embeds.dtype)
         return embeds
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
@@ -709,7 +710,7 @@ def test_internvl_prompt_and_tiles(adapters):
     item = _items()[3]  # 100 x 50 px: a 2 x 1 grid plus the thumbnail
     pixels = remote_runners.internvl_pixels(item.image, adapter.tile, adapter.max_tiles)
     assert tuple(pixels.shape) == (3, 3, 28, 28)
-    query = adapter.query(item, pixels.shape[0])
+    query = adapter.query(item, [pixels.shape[0]])
     context = "<IMG_CONTEXT>" * (adapter.model.num_image_token * 3)
     assert f"<img>{context}</img>\nwhat type" in query
     assert query.startswith("<|im_start|>system\nyou are a helpful assistant<|im_end|>")
@@ -779,7 +780,7 @@ def test_image_settings_of_the_eval_spec_reach_the_adapters(fake_dirs, monkeypat
             (item.image.width * upscale, item.image.height * upscale), Image.Resampling.BILINEAR
         )
         expected = remote_runners.internvl_pixels(image, internvl.tile, tiles)
-        torch.testing.assert_close(internvl._pixels(item), expected)
+        torch.testing.assert_close(internvl._pixels(item), [expected])
     spec = vlm_eval_spec(paper, "hub-molmo_7b_d", "mmstar")["model"]
     molmo = load_runner(spec, fake_dirs["molmo"])
     calls = []
@@ -797,3 +798,53 @@ def test_image_settings_of_the_eval_spec_reach_the_adapters(fake_dirs, monkeypat
         fake_dirs["phi3_vision"], "phi3_vision", trust_remote_code=True, image=image
     )
     assert isinstance(phi, remote_runners.Phi3VisionVLM)
+
+
+def _two_image_item(first: Image.Image, second: Image.Image) -> MCQItem:
+    return MCQItem("mm", first, PROMPT, OPTIONS, extra_images=(second,))
+
+
+def test_internvl_several_images_as_vlmevalkit_asks(adapters):
+    """VLMEvalKit's InternVLChat.generate_v2: "Image-k: <image>" lines, the question, then
+    "<Image-1><Image-2>"; each image its own tiles; only the first upscaled on MMMU."""
+    adapter = adapters["internvl2"]
+    item = _two_image_item(_image(1, (100, 50)), _image(2, (28, 28)))
+    query = adapter.query(item, [3, 1])
+    context = adapter.model.num_image_token * "<IMG_CONTEXT>"
+    assert (
+        f"Image-1: <img>{context * 3}</img>\nImage-2: <img>{context}</img>\n"
+        f"{PROMPT}<Image-1><Image-2><|im_end|>" in query
+    )
+    pixels = adapter._pixels(item)
+    assert [tuple(p.shape) for p in pixels] == [(3, 3, 28, 28), (1, 3, 28, 28)]
+    upscaling = remote_runners.InternVL2VLM(
+        adapter.model, adapter.tokenizer, name="x", tiles=6, upscale=2
+    )
+    square = _two_image_item(_image(1, (28, 28)), _image(2, (28, 28)))
+    first, second = upscaling._pixels(square)
+    assert (first.shape[0], second.shape[0]) == (5, 1)  # 56 x 56 px: 2 x 2 grid + thumbnail
+
+
+@pytest.mark.parametrize("family", ["internvl2", "phi3_vision"])
+def test_every_image_reaches_models_that_take_several(adapters, family):
+    adapter = adapters[family]
+    first, second = _image(1, (60, 30)), _image(2, (40, 40))
+    item, other = _two_image_item(first, second), _two_image_item(first, _image(3, (40, 40)))
+    if family == "phi3_vision":
+        text = adapter.chat_prompt(item)
+        assert text == f"<|user|>\n<|image_1|>\n<|image_2|>\n{PROMPT}<|end|>\n<|assistant|>\n"
+    # the second image changes the scores: its features reach the model
+    scores = adapter.continuation_logprobs([item, other], [list("AB"), list("AB")])
+    assert scores[0] != pytest.approx(scores[1], abs=1e-6)
+    for letter, value in zip("AB", scores[0], strict=True):
+        assert value == pytest.approx(_manual_score(adapter, item, letter), abs=1e-4)
+    batched = adapter.generate([item, _items()[0], other], max_new_tokens=3)
+    alone = [adapter.generate([i], max_new_tokens=3)[0] for i in (item, _items()[0], other)]
+    assert batched == alone
+
+
+@pytest.mark.parametrize("family", ["molmo", "cogvlm"])
+def test_one_image_models_refuse_several_naming_model_and_question(adapters, family):
+    item = _two_image_item(_image(1, (40, 40)), _image(2, (40, 40)))
+    with pytest.raises(ValueError, match=f"hub-{family}: question mm has 2 images"):
+        adapters[family].generate([item], max_new_tokens=1)

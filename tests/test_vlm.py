@@ -151,6 +151,7 @@ def test_padded_border_is_the_normalisation_mean_times_255(dirs):
 
 def test_training_and_evaluation_share_one_transform_saved_with_the_model(dirs, tmp_path):
     from fgvlm.evaluate.runners import LlavaRunner
+    from fgvlm.mcq import MCQItem
 
     model = build_vlm(dirs["clip"], dirs["llama"], template="vicuna_v1", image_aspect="squash")
     assert Collator(model).preprocess is model.vision.preprocess
@@ -163,6 +164,10 @@ def test_training_and_evaluation_share_one_transform_saved_with_the_model(dirs, 
     runner = LlavaRunner(loaded, "m")
     train_pixels = Collator(model)([(caption(0, NAMES[0]), image)])["pixel_values"]
     torch.testing.assert_close(runner.vlm.pixel_batch([image]), train_pixels)
+    # LLaVA's evaluation code shows one image: a question with more is refused, not cut
+    two = MCQItem("q2", image, "what is it", ["a", "b"], extra_images=(image,))
+    with pytest.raises(ValueError, match="m: question q2 has several images; it takes one"):
+        runner.generate([two], max_new_tokens=1)
 
 
 def test_tower_stays_frozen(vlm):

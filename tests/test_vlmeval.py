@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -265,6 +266,30 @@ def test_reads_every_synthetic_style(tmp_path, style):
         assert counts["skipped_split"] == 40 - len(records) > 0
         assert all(r["question"].startswith("<image 1> ") for r in records)
         assert counts["open"] > 0 and counts["multi_image"] > 0 and counts["skipped"] == 0
+
+
+def test_models_shown_every_image_get_them_decoded_in_order(tmp_path):
+    """What evaluation reads (``question_source`` + ``QuestionItems``, as ``evaluate_vlm``
+    calls them): with ``all_images`` an MMMU item carries its further images in order; without,
+    the first only; the scanned records are never changed."""
+    from fgvlm.evaluate.run import QuestionItems
+    from fgvlm.evaluate.runners import question_source
+
+    path = write_tsv(tmp_path / "MMMU_DEV_VAL.tsv", mmmu_rows())
+    spec = {"format": "vlmeval_tsv", "split": "validation", "expected_count": 5}
+    spec["accept_count_mismatch"] = False
+    colours = {}
+    for all_images in (False, True):
+        raw, decode, _, _ = question_source(spec, path, all_images=all_images)
+        items = list(QuestionItems(raw, decode, style="llava", option_prompt="cloze"))
+        colours[all_images] = {
+            item.qid: ["rgb"[int(np.argmax(image.getpixel((8, 6))))] for image in item.images]
+            for item in items
+        }
+        assert all("extra_images" not in record for record in raw())
+    assert colours[True]["1"] == ["g", "b"] and colours[True]["3"] == ["b", "r", "g"]
+    assert colours[False]["1"] == ["g"] and colours[False]["3"] == ["b"]
+    assert colours[True]["4"] == colours[False]["4"] and len(colours[True]["4"]) == 1
 
 
 def test_question_source_checks_the_count_and_reports_skipped_rows(tmp_path):

@@ -217,6 +217,14 @@ def _check_references(config: dict) -> None:
                     f"hub_vlms.{name}.family: {vlm['family']!r} is not one of "
                     f"{sorted(STYLE_BY_FAMILY)}"
                 )
+        if (vlm.get("image") or {}).get("all_images"):
+            from fgvlm.evaluate.prompts import ONE_IMAGE_FAMILIES
+
+            if hub_family(vlm) in ONE_IMAGE_FAMILIES:
+                raise ConfigError(
+                    f"hub_vlms.{name}.image.all_images: {hub_family(vlm)} models take one "
+                    "image per question"
+                )
         for benchmark, style in (vlm.get("prompt") or {}).items():
             from fgvlm.evaluate.prompts import STYLES
 
@@ -645,7 +653,13 @@ def vlm_eval_spec(config: dict, model: str, benchmark: str) -> dict:
         for key, by_benchmark in spec["image"].items():
             if key.endswith("_by_benchmark") and benchmark in by_benchmark:
                 image[key.removesuffix("_by_benchmark")] = by_benchmark[benchmark]
-        spec["image"] = image
+        # only a general benchmark's questions have several images: elsewhere it changes nothing
+        if image.pop("all_images", False) and kind is None:
+            spec["all_images"] = True
+        if image:
+            spec["image"] = image
+        else:
+            del spec["image"]
     return {"model": spec, "benchmark": vlm_benchmark_spec(config, benchmark)}
 
 

@@ -27,7 +27,8 @@ class MCQItem:
     ``prompt`` is the full user text (question, lettered options, the answer instruction);
     the runner adds its chat template and places ``image`` (None: a text-only question).
     ``cloze_prompt`` (optional) is the question alone, after which ``option_likelihood``
-    scores each option's text.
+    scores each option's text. ``extra_images``: the question's further images, in order, for
+    models that take several (an MMMU question may show up to seven); empty for the others.
     """
 
     qid: str
@@ -35,6 +36,12 @@ class MCQItem:
     prompt: str
     options: list[str]
     cloze_prompt: str | None = None
+    extra_images: tuple[Image.Image, ...] = ()
+
+    @property
+    def images(self) -> tuple[Image.Image, ...]:
+        """Every image of the question, in order (none for a text-only question)."""
+        return () if self.image is None else (self.image, *self.extra_images)
 
 
 @runtime_checkable

@@ -74,9 +74,10 @@ class HubVLM:
         return next(self.model.parameters()).device
 
     def chat_prompt(self, item: MCQItem) -> str:
-        """The item as one user turn (image first, then the text) in the model's chat template,
-        followed by the assistant header (and ``answer_prefix``) the answer comes after."""
-        content: list[dict[str, Any]] = [{"type": "image"}] if item.image is not None else []
+        """The item as one user turn (its images first, in order, then the text: VLMEvalKit's
+        message order) in the model's chat template, followed by the assistant header (and
+        ``answer_prefix``) the answer comes after."""
+        content: list[dict[str, Any]] = [{"type": "image"} for _ in item.images]
         content.append({"type": "text", "text": item.prompt})
         messages = [{"role": "user", "content": content}]
         if self.system_prompt is not None:
@@ -98,7 +99,8 @@ class HubVLM:
         if not items:
             raise ValueError("cannot encode an empty batch")
         texts = [self.chat_prompt(item) for item in items]
-        images = [self.image(item.image) for item in items if item.image is not None]
+        # one flat list in prompt order: processors split it by each prompt's image tokens
+        images = [self.image(image) for item in items for image in item.images]
         bos = self.tokenizer.bos_token
         # templates that write the BOS themselves must not get a second one from the tokenizer
         add_special = not (bos and texts[0].startswith(bos))
@@ -139,8 +141,9 @@ class HubVLM:
             return len(text)
         count = getattr(self.processor, "_get_num_multimodal_tokens", None)
         try:
-            tokens = count(image_sizes=[(item.image.height, item.image.width)]).num_image_tokens
-            return len(text) - 1 + int(tokens[0])
+            sizes = [(image.height, image.width) for image in item.images]
+            tokens = count(image_sizes=sizes).num_image_tokens
+            return len(text) - len(sizes) + sum(int(n) for n in tokens)
         except Exception:  # a processor without (a working) token count: measure it
             return int(self.encode([item])["input_ids"].shape[1])
 

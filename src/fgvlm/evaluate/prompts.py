@@ -74,6 +74,9 @@ STYLE_BY_FAMILY = {
     "molmo": "molmo",
     "cogvlm": "cogvlm",
 }
+# families whose model API takes one image per question (VLMEvalKit's INTERLEAVE = False
+# wrappers keep the first: message_to_promptimg); the others may be shown every image
+ONE_IMAGE_FAMILIES = frozenset({"fgvlm", "molmo", "cogvlm"})
 # VLMEvalKit's split_MMMU cuts a question at "<image k>" (one digit) to place image k there
 IMAGE_REFERENCE = re.compile(r"<image \d>")
 # hub repo id fragment (lower case) -> family; first match wins, so specific names come first

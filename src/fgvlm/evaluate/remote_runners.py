@@ -7,11 +7,11 @@ evaluates them (§3.3, Appendix B). One adapter per family:
 
 - ``InternVL2VLM`` (``internvl/internvl_chat.py``): ``AutoModel`` + ``AutoTokenizer``; images
   cut into 448 px tiles (at most 6, plus a thumbnail) with ImageNet normalisation; the prompt
-  in the model's own conversation template with ``<img><IMG_CONTEXT>…</img>`` for the image;
+  in the model's own conversation template with ``<img><IMG_CONTEXT>…</img>`` per image;
   ``model.generate(pixel_values=, input_ids=, attention_mask=)``. Batched with left padding,
   as the model's ``batch_chat`` does.
 - ``Phi3VisionVLM`` (``phi3_vision.py``): ``AutoModelForCausalLM`` + ``AutoProcessor``; the
-  chat template around ``<|image_1|>\\n`` + prompt; ``processor(prompt, [image])``;
+  chat template around ``<|image_k|>\\n`` per image + prompt; ``processor(prompt, images)``;
   ``model.generate(**inputs)``. The processor takes one prompt at a time: per-item loop.
 - ``MolmoVLM`` (``molmo.py``): ``AutoModelForCausalLM`` + ``AutoProcessor``;
   ``processor.process(images=, text=)``; ``model.generate_from_batch`` stopping at
@@ -46,6 +46,7 @@ from torchvision.transforms.functional import normalize, resize, to_tensor
 from transformers import GenerationConfig
 
 from fgvlm.evaluate.hub_runner import continuation_token_ids, rgb
+from fgvlm.evaluate.prompts import ONE_IMAGE_FAMILIES
 from fgvlm.mcq import MCQItem
 from fgvlm.models.remote import load_remote_model
 
@@ -86,6 +87,16 @@ class RemoteVLM:
 
     def prompt_inputs(self, item: MCQItem) -> dict[str, Any]:
         raise NotImplementedError
+
+    def images(self, item: MCQItem) -> list[Image.Image] | None:
+        """The item's images in RGB (None: a text-only question); an error naming the model
+        and question when it has several and the model takes one."""
+        if item.extra_images and self.family in ONE_IMAGE_FAMILIES:
+            raise ValueError(
+                f"{self.name}: question {item.qid} has {len(item.images)} images; "
+                f"{self.family} takes one (set its image.all_images to false)"
+            )
+        return [rgb(image) for image in item.images] or None
 
     def _generate_one(self, item: MCQItem, max_new_tokens: int) -> str:
         raise NotImplementedError
@@ -146,8 +157,9 @@ class RemoteVLM:
 
 
 def _repeat_rows(value: torch.Tensor, rows: int) -> torch.Tensor:
-    """``value`` [1, ...] repeated to [rows, ...]."""
-    return value.expand(rows, *value.shape[1:]).contiguous()
+    """``value`` [n, ...] (one prompt's n images, or its batch of one) repeated to
+    [rows * n, ...], prompt after prompt."""
+    return value.repeat(rows, *([1] * (value.dim() - 1)))
 
 
 # --- InternVL2 ---------------------------------------------------------------------------------
@@ -235,37 +247,48 @@ class InternVL2VLM(RemoteVLM):
         model.img_context_token_id = self.context_id
         self.sep = model.conv_template.sep
 
-    def query(self, item: MCQItem, tiles: int) -> str:
+    def query(self, item: MCQItem, tiles: list[int]) -> str:
         """The prompt text in the model's conversation template (its system message included),
-        "<image>\\n" before the question replaced by the image's context tokens."""
+        each "<image>" replaced by its image's context tokens (``tiles``: per image).
+
+        One image: "<image>\\n" before the question. Several (VLMEvalKit's
+        ``InternVLChat.generate_v2``): "Image-k: <image>" lines, then the question followed by
+        "<Image-1><Image-2>…" (its message puts the text before the images)."""
         conversation = copy.deepcopy(self.model.conv_template)
         conversation.system_message = self.model.system_message
-        question = item.prompt if item.image is None else f"<image>\n{item.prompt}"
+        n = len(item.images)
+        if n <= 1:
+            question = item.prompt if n == 0 else f"<image>\n{item.prompt}"
+        else:
+            header = "\n".join(f"Image-{k}: <image>" for k in range(1, n + 1))
+            marks = "".join(f"<Image-{k}>" for k in range(1, n + 1))
+            question = f"{header}\n{item.prompt}{marks}"
         conversation.append_message(conversation.roles[0], question)
         conversation.append_message(conversation.roles[1], None)
         text = conversation.get_prompt()
-        if item.image is None:
-            return text
-        context = IMG_CONTEXT * (self.model.num_image_token * tiles)
-        return text.replace("<image>", f"{IMG_START}{context}{IMG_END}", 1)
+        for count in tiles:
+            context = IMG_CONTEXT * (self.model.num_image_token * count)
+            text = text.replace("<image>", f"{IMG_START}{context}{IMG_END}", 1)
+        return text
 
-    def _pixels(self, item: MCQItem) -> torch.Tensor | None:
-        if item.image is None:
-            return None
-        image = rgb(item.image)
-        if self.upscale != 1:
-            size = (image.width * self.upscale, image.height * self.upscale)
-            image = image.resize(size, Image.Resampling.BILINEAR)
-        return internvl_pixels(image, self.tile, self.max_tiles)
+    def _pixels(self, item: MCQItem) -> list[torch.Tensor]:
+        """Each image's tiles; VLMEvalKit upscales only the first of several."""
+        pixels = []
+        for index, image in enumerate(self.images(item) or []):
+            if self.upscale != 1 and index == 0:
+                size = (image.width * self.upscale, image.height * self.upscale)
+                image = image.resize(size, Image.Resampling.BILINEAR)
+            pixels.append(internvl_pixels(image, self.tile, self.max_tiles))
+        return pixels
 
     def _batch(self, items: list[MCQItem]) -> dict[str, Any]:
         pixels = [self._pixels(item) for item in items]
         queries = [
-            self.query(item, 0 if p is None else p.shape[0])
-            for item, p in zip(items, pixels, strict=True)
+            self.query(item, [p.shape[0] for p in per_image])
+            for item, per_image in zip(items, pixels, strict=True)
         ]
         encoded = self.tokenizer(queries, padding=True, return_tensors="pt")
-        present = [p for p in pixels if p is not None]
+        present = [p for per_image in pixels for p in per_image]
         return {
             "input_ids": encoded["input_ids"].to(self.device),
             "attention_mask": encoded["attention_mask"].to(self.device),
@@ -324,14 +347,15 @@ class Phi3VisionVLM(RemoteVLM):
         self.processor = processor
 
     def chat_prompt(self, item: MCQItem) -> str:
-        content = item.prompt if item.image is None else f"<|image_1|>\n{item.prompt}"
+        """The question after one "<|image_k|>\\n" per image, in the tokenizer's chat template."""
+        marks = "".join(f"<|image_{k}|>\n" for k in range(1, len(item.images) + 1))
+        content = marks + item.prompt
         return self.tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
 
     def prompt_inputs(self, item: MCQItem) -> dict[str, Any]:
-        images = None if item.image is None else [rgb(item.image)]
-        encoded = self.processor(self.chat_prompt(item), images, return_tensors="pt")
+        encoded = self.processor(self.chat_prompt(item), self.images(item), return_tensors="pt")
         inputs = {key: value.to(self.device) for key, value in encoded.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
@@ -382,7 +406,7 @@ class MolmoVLM(RemoteVLM):
         )
 
     def prompt_inputs(self, item: MCQItem) -> dict[str, Any]:
-        images = None if item.image is None else [rgb(item.image)]
+        images = self.images(item)
         encoded = self.processor.process(images=images, text=item.prompt, **self.images_kwargs)
         inputs = {key: value.to(self.device).unsqueeze(0) for key, value in encoded.items()}
         if "images" in inputs:
@@ -418,7 +442,7 @@ class CogVLMVLM(RemoteVLM):
     family = "cogvlm"
 
     def prompt_inputs(self, item: MCQItem) -> dict[str, Any]:
-        images = None if item.image is None else [rgb(item.image)]
+        images = self.images(item)
         built = self.model.build_conversation_input_ids(
             self.tokenizer, query=item.prompt, history=[], images=images
         )

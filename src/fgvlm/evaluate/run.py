@@ -44,12 +44,17 @@ def evaluate_vlm(
     """
     model, benchmark = spec["model"], spec["benchmark"]
     runner = load_runner(model, model_dir, device=device, dtype=model["dtype"])
-    raw, decode, answers, counts = question_source(benchmark, data, questions)
+    all_images = model.get("all_images", False)  # set for the models shown every image
+    raw, decode, answers, counts = question_source(
+        benchmark, data, questions, all_images=all_images
+    )
     option_prompt = model["option_prompt"]
-    # parts scored after another prompt, or in another dtype, are not reused
+    # parts scored after another prompt, in another dtype or with other images are not reused
     fingerprint = f"{files_fingerprint(model_dir, questions or data)}:{option_prompt}"
     if dtype := eval_dtype(model["dtype"], device):
         fingerprint += f":{dtype}"
+    if all_images:
+        fingerprint += ":all_images"
     predictions, summary = evaluate_mcq(
         runner,
         partial(

@@ -33,6 +33,8 @@ class LlavaRunner:
         self.name = name
 
     def _prompt(self, item: MCQItem) -> list[int]:
+        if item.extra_images:  # LLaVA's eval code shows one image
+            raise ValueError(f"{self.name}: question {item.qid} has several images; it takes one")
         text = item.prompt if item.image is None else f"{IMAGE_PLACEHOLDER}\n{item.prompt}"
         return prompt_ids(self.vlm.template, self.vlm.tokenizer, text)
 
@@ -131,7 +133,7 @@ def load_runner(spec: dict, model_dir: Path, *, device: str = "cpu", dtype: str 
 
 
 def question_source(
-    benchmark: dict, path: Path, questions_path: Path | None = None
+    benchmark: dict, path: Path, questions_path: Path | None = None, *, all_images: bool = False
 ) -> tuple[
     Callable[[], Iterator[Any]],
     Callable[[Any], tuple[dict, Image.Image]],
@@ -147,7 +149,9 @@ def question_source(
     "vlmeval_tsv", "split", "expected_count", "accept_count_mismatch"} for a VLMEvalKit TSV file:
     its scored questions (CircularEval groups) are checked against ``expected_count``, and counts
     then include what was skipped, each question's CircularEval group and category. A TSV
-    record carries every image (``images``); the stream's image is the first.
+    record carries every image (``images``); the stream's image is the first, and with
+    ``all_images`` (a model that takes several) the decoded record holds the others as
+    ``extra_images``.
     """
     if benchmark["format"] == "questions":
         import polars as pl
@@ -177,10 +181,19 @@ def question_source(
             "groups": {r["qid"]: r["group"] for r in records if r["group"] != r["qid"]},
             "categories": {r["qid"]: str(r.get("category") or "") for r in records},
         }
-        return partial(iter, records), _decode_tsv_record, answers, counts
+        decode = partial(_decode_tsv_record, all_images=all_images)
+        return partial(iter, records), decode, answers, counts
     raise ValueError(f"benchmark kind {benchmark['kind']!r} is not supported")
 
 
-def _decode_tsv_record(record: dict) -> tuple[dict, Image.Image]:
-    with Image.open(BytesIO(record["image"])) as image:
-        return record, image.convert("RGB")
+def _decode_rgb(data: bytes) -> Image.Image:
+    with Image.open(BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
+def _decode_tsv_record(record: dict, *, all_images: bool = False) -> tuple[dict, Image.Image]:
+    """(record, its first image); with ``all_images`` a copy of the record whose
+    ``extra_images`` are the others, decoded (the shared record is never changed)."""
+    if all_images and len(record.get("images", ())) > 1:
+        record = {**record, "extra_images": [_decode_rgb(b) for b in record["images"][1:]]}
+    return record, _decode_rgb(record["image"])

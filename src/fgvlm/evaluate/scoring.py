@@ -454,7 +454,9 @@ def question_items(
     style: str,
     option_prompt: str = "cloze",
 ) -> Iterator[MCQItem]:
-    """``MCQItem``s from (question record, image) pairs, e.g. ``iter_question_samples``.
+    """``MCQItem``s from (question record, image) pairs, e.g. ``iter_question_samples``; a
+    record's decoded ``extra_images`` (``fgvlm.evaluate.runners.question_source``) follow the
+    image.
 
     The prompt is ``fgvlm.evaluate.prompts.mcq_prompt`` of the record's question, options and
     hint (when it has one) in the model family's ``style``. ``option_prompt`` says what
@@ -479,4 +481,5 @@ def question_items(
             if option_prompt == "cloze"
             else None
         )
-        yield MCQItem(record["qid"], image, prompt, list(record["options"]), cloze)
+        extra = tuple(record.get("extra_images", ()))
+        yield MCQItem(record["qid"], image, prompt, list(record["options"]), cloze, extra)
