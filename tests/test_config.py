@@ -59,6 +59,51 @@ def test_rows_sharing_a_recipe_share_one_pretraining(paper):
     assert len(no_pt) == 9  # 8 'None' rows + the Qwen2-VL base row
 
 
+def test_connector_lr_after_unfreeze_enters_only_the_full_pretraining_params(paper):
+    assert paper["recipes"]["pretrain_full"]["connector_lr_after_unfreeze"] is None
+    changed = copy.deepcopy(paper)
+    changed["recipes"]["pretrain_full"]["connector_lr_after_unfreeze"] = 2e-5
+    before, after = fc.pretrain_jobs(paper), fc.pretrain_jobs(changed)
+    assert before.keys() == after.keys()
+    differ = sorted(key for key in before if before[key] != after[key])
+    assert differ == sorted(k for k, spec in before.items() if spec["recipe"]["updating"] == "full")
+    assert len(differ) == 2
+    # the train rules' params are the canonical specs: a full row's finetuning reruns too
+    rows = fc.trained_rows(paper)
+    reruns = [
+        row["name"]
+        for row in rows
+        if fc.canonical(fc.finetune_spec(paper, row))
+        != fc.canonical(fc.finetune_spec(changed, row))
+    ]
+    assert reruns == ["dfn_qwen2_llavapt_full", "dfn_qwen2_pixmo_full"]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (-2e-5, "recipes.pretrain_full.connector_lr_after_unfreeze: -2e-05 is less than or equal"),
+        ("2e-5", "recipes.pretrain_full.connector_lr_after_unfreeze: '2e-5' is not of type"),
+    ],
+)
+def test_connector_lr_after_unfreeze_must_be_a_positive_number(value, message):
+    cfg = copy.deepcopy(raw(PAPER))
+    cfg["recipes"]["pretrain_full"]["connector_lr_after_unfreeze"] = value
+    assert message in _invalid(cfg)
+    cfg["recipes"]["pretrain_full"]["connector_lr_after_unfreeze"] = 2e-5
+    assert fc.validate(cfg)
+
+
+def test_connector_lr_after_unfreeze_is_refused_on_a_connector_only_recipe():
+    cfg = copy.deepcopy(raw(PAPER))
+    cfg["recipes"]["pretrain_connector"]["connector_lr_after_unfreeze"] = 2e-5
+    assert _invalid(cfg) == (
+        "ablations[1] (clip_vicuna_llavapt_seed1) (pretrain recipe 'pretrain_connector'): "
+        "recipe.connector_lr_after_unfreeze: only an updating 'full' recipe unfreezes the LLM "
+        "after the connector, not 'connector'"
+    )
+
+
 def test_factor_labels_follow_the_paper(paper):
     row = next(r for r in paper["ablations"] if r["name"] == "dfn_qwen2_pixmo_full")
     assert fc.factor_labels(paper, row) == {

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 from _tiny import FakeVLM
 
 from fgvlm.training.checkpoint import latest_checkpoint
-from fgvlm.training.loop import train
-from fgvlm.training.recipe import Recipe, group_schedules, lr_factor, make_plan
+from fgvlm.training.loop import make_optimizer, make_scheduler, train
+from fgvlm.training.recipe import (
+    Recipe,
+    group_schedules,
+    lr_factor,
+    make_plan,
+    trainable_groups,
+)
 
 
 def make_batches(n_micro: int, batch: int = 2):
@@ -51,6 +60,7 @@ RECIPES = {
     ),
     "llm": dict(stage="finetune", updating="llm", llm_lr=1e-2, global_batch=4),
 }
+RECIPES["full_switch"] = dict(RECIPES["full"], connector_lr_after_unfreeze=1e-4)
 
 
 def run(tmp_path, updating: str, steps: int = 10, stop_at: int | None = None, **kw):
@@ -143,6 +153,71 @@ def test_lr_schedule_warms_up_then_decays():
     assert lr_factor(20, 20, 100, 0.03) == pytest.approx(1 / 3)
 
 
+def scheduled_lrs(recipe: Recipe, steps: int) -> list[dict[str, float]]:
+    """Each optimizer step's rate per group, read off the param_groups the loop's own optimizer
+    and scheduler give, after each scheduler step."""
+    plan = make_plan(recipe, 1, n_samples=4 * steps)
+    schedules = group_schedules(recipe, plan)
+    optimizer = make_optimizer(trainable_groups(FakeVLM(), schedules), recipe, fused=False)
+    scheduler = make_scheduler(optimizer, schedules, recipe, plan)
+    out = []
+    for _ in range(plan.total_steps):
+        out.append({g["name"]: g["lr"] for g in optimizer.param_groups})
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+def cosine(done: int, span: int) -> float:
+    """Warmup of one step (warmup_ratio 0.03 of <= 10 steps), then cosine over the rest."""
+    return 1.0 if done == 0 else 0.5 * (1 + math.cos(math.pi * (done - 1) / (span - 1)))
+
+
+@pytest.mark.parametrize("after", [None, 5e-5])
+def test_connector_lr_after_the_llm_is_unfrozen(after):
+    base = dict(RECIPES["full"], connector_lr=1e-3, llm_lr=2e-5, max_steps=10, per_device_batch=2)
+    lrs = scheduled_lrs(Recipe.from_config({**base, "connector_lr_after_unfreeze": after}), 10)
+    # 10 steps, 20% connector-only: the LLM learns from step 2, warming up from there
+    assert [lr["llm"] for lr in lrs[:2]] == [0.0, 0.0]
+    for step in range(2, 10):
+        assert lrs[step]["llm"] == pytest.approx(2e-5 * cosine(step - 2, 8)), step
+    for step in range(10):
+        # the connector's curve runs on across the switch; only its base rate changes at step 2
+        rate = 1e-3 if after is None or step < 2 else after
+        assert lrs[step]["connector"] == pytest.approx(rate * cosine(step, 10)), step
+    if after is not None:
+        assert lrs[1]["connector"] == pytest.approx(1e-3 * cosine(1, 10))
+        assert lrs[2]["connector"] == pytest.approx(5e-5 * cosine(2, 10))
+
+
+def test_the_train_log_shows_the_connector_rate_switch(tmp_path):
+    run(tmp_path, "full_switch", steps=10, log_path=tmp_path / "log.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    # a log line after step s holds the rates of the next step
+    connector = {row["step"]: row["lr"]["connector"] for row in rows if "lr" in row}
+    assert connector[1] == pytest.approx(1e-2 * cosine(1, 10))
+    assert connector[2] == pytest.approx(1e-4 * cosine(2, 10))
+    assert connector[5] == pytest.approx(1e-4 * cosine(5, 10))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"connector_lr_after_unfreeze": -1e-3}, "-0.001 is not a positive number"),
+        ({"connector_lr_after_unfreeze": "2e-5"}, "'2e-5' is not a positive number"),
+        ({"connector_lr_after_unfreeze": True}, "True is not a positive number"),
+        (
+            {"updating": "connector", "connector_lr_after_unfreeze": 2e-5},
+            "only an updating 'full' recipe unfreezes the LLM after the connector, not 'connector'",
+        ),
+    ],
+)
+def test_connector_lr_after_unfreeze_is_refused_where_it_means_nothing(fields, message):
+    with pytest.raises(ValueError, match="recipe.connector_lr_after_unfreeze") as err:
+        Recipe.from_config({**RECIPES["full"], **fields})
+    assert message in str(err.value)
+
+
 @pytest.mark.parametrize(
     ("updating", "lines"),
     [
@@ -159,6 +234,14 @@ def test_lr_schedule_warms_up_then_decays():
             [
                 "group vision: frozen",
                 "group connector: learns from step 0, lr 1e-2",
+                "group llm: learns from step 2 (after 20% connector-only warmup), lr 1e-2",
+            ],
+        ),
+        (
+            "full_switch",
+            [
+                "group vision: frozen",
+                "group connector: learns from step 0, lr 1e-2, lr 1e-4 from step 2 (LLM unfrozen)",
                 "group llm: learns from step 2 (after 20% connector-only warmup), lr 1e-2",
             ],
         ),

@@ -334,6 +334,7 @@ def _check_ablations(config: dict) -> None:
             if name is None:
                 continue
             _require(name, recipes, "recipes", f"{where} ({stage} recipe)")
+            _check_recipe({**recipes[name], **override}, f"{where} ({stage} recipe {name!r})")
             _check_batch(
                 {**recipes[name], **override},
                 config["resources"].get(stage) or {},
@@ -351,6 +352,17 @@ def _check_recipe_override(override: dict, where: str) -> None:
         path = _key_path(error.absolute_path)
         at = where if path == "<top level>" else f"{where}.{path}"
         raise ConfigError(f"{at}: {error.message}")
+
+
+def _check_recipe(recipe: dict, where: str) -> None:
+    """A row's merged recipe is one the trainer accepts (``Recipe.check``), refused before any job
+    (e.g. ``connector_lr_after_unfreeze`` on a recipe that does not unfreeze the LLM)."""
+    from fgvlm.training.recipe import Recipe
+
+    try:
+        Recipe.from_config(recipe)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def _check_batch(recipe: dict, resource: dict, where: str, stage: str) -> None:

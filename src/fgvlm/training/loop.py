@@ -29,11 +29,12 @@ from fgvlm.training.checkpoint import (
     truncate_log,
 )
 from fgvlm.training.recipe import (
+    GroupSchedule,
     Plan,
     Recipe,
     describe,
     group_schedules,
-    lr_factor,
+    lr_multiplier,
     trainable_groups,
 )
 
@@ -112,13 +113,7 @@ def train(
     optimizer = make_optimizer(groups, recipe, fused=accelerator.device.type == "cuda")
     start_of = {group.name: group.start_step for group in schedules}
     starts = [start_of[g["name"]] for g in groups]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        [
-            (lambda s, st=st: lr_factor(s, st, plan.total_steps, recipe.warmup_ratio))
-            for st in starts
-        ],
-    )
+    scheduler = make_scheduler(optimizer, schedules, recipe, plan)
     model, optimizer = accelerator.prepare(model, optimizer)
     if not is_deepspeed(accelerator):  # DeepSpeed's optimizer makes its own state
         init_optimizer_state(torch_optimizer(optimizer))
@@ -280,6 +275,24 @@ def _lm_positions(model: Any, batch: dict) -> torch.Tensor:
 def make_optimizer(groups: list[dict], recipe: Recipe, *, fused: bool) -> torch.optim.AdamW:
     """AdamW over the learning groups; ``fused``: one kernel for all parameters (same update)."""
     return torch.optim.AdamW(groups, weight_decay=recipe.weight_decay, fused=fused or None)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, schedules: list[GroupSchedule], recipe: Recipe, plan: Plan
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Every optimizer group's rate at every step: its base rate times ``lr_multiplier``."""
+    by_name = {group.name: group for group in schedules}
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        [
+            (
+                lambda s, g=by_name[pg["name"]]: lr_multiplier(
+                    g, s, plan.total_steps, recipe.warmup_ratio
+                )
+            )
+            for pg in optimizer.param_groups
+        ],
+    )
 
 
 class _Window:

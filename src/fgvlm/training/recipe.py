@@ -5,15 +5,18 @@ A recipe (``config.recipes``, merged with a row's overrides) says which weights 
 
 - ``pretrain`` + ``connector``: connector only (lr 1e-3), LLM and vision tower frozen;
 - ``pretrain`` + ``full``: connector only for the first ``connector_only_fraction`` (20%) of the
-  steps, then the LLM too (lr 2e-5) for the rest;
+  steps, then the LLM too (lr 2e-5) for the rest; the connector keeps its rate, or switches to
+  ``connector_lr_after_unfreeze`` when the LLM starts (the paper leaves it open);
 - ``finetune`` + ``full``: connector and LLM (lr 2e-5);
 - ``finetune`` + ``llm``: the LLM only (the Qwen2-VL architecture row).
 
 The vision tower is always frozen. ``group_schedules`` is the one answer to "who learns when":
 the loop builds its optimizer, schedules and gradient dropping from it, and logs it
 (``describe``). Schedules are cosine with linear warmup (``warmup_ratio``); a group that starts
-late (the LLM after the connector-only phase) warms up from its start. Gradient accumulation is
-global batch / (world size x per-device batch).
+late (the LLM after the connector-only phase) warms up from its start. A group whose base rate
+switches (the connector at the LLM's start) keeps its multiplier curve across the switch: only
+the base rate changes (``lr_multiplier``). Gradient accumulation is global batch / (world size x
+per-device batch).
 
 This module imports no torch: ``fgvlm.config`` asks it which recipe a row trains with.
 """
@@ -21,7 +24,7 @@ This module imports no torch: ``fgvlm.config`` asks it which recipe a row trains
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 # the keys of every trainable model's parameter_groups(), in the order they are logged
@@ -42,6 +45,7 @@ class Recipe:
     connector_lr: float | None = None
     llm_lr: float | None = None
     connector_only_fraction: float = 0.0
+    connector_lr_after_unfreeze: float | None = None
     per_device_batch: int | None = None
     max_steps: int | None = None
     warmup_ratio: float = 0.03
@@ -72,6 +76,17 @@ class Recipe:
             raise ValueError(f"recipe: updating {self.updating!r} needs llm_lr")
         if not 0.0 <= self.connector_only_fraction < 1.0:
             raise ValueError("recipe.connector_only_fraction must be in [0, 1)")
+        after = self.connector_lr_after_unfreeze
+        if after is not None:
+            if isinstance(after, bool) or not isinstance(after, int | float) or after <= 0:
+                raise ValueError(
+                    f"recipe.connector_lr_after_unfreeze: {after!r} is not a positive number"
+                )
+            if self.updating != "full":
+                raise ValueError(
+                    "recipe.connector_lr_after_unfreeze: only an updating 'full' recipe unfreezes "
+                    f"the LLM after the connector, not {self.updating!r}"
+                )
         if self.sharding not in SHARDINGS:
             raise ValueError(f"recipe.sharding: {self.sharding!r} is not one of {SHARDINGS}")
 
@@ -153,7 +168,8 @@ def make_plan(
 
 @dataclass(frozen=True)
 class GroupSchedule:
-    """When one parameter group learns: from optimizer step ``start_step`` at ``lr``.
+    """When one parameter group learns: from optimizer step ``start_step`` at ``lr``, and from
+    ``switch_step`` on at ``switch_lr`` (None: ``lr`` to the end).
 
     ``lr`` None: frozen for the whole run (then ``start_step`` is the run's total: never).
     """
@@ -161,10 +177,18 @@ class GroupSchedule:
     name: str
     lr: float | None
     start_step: int
+    switch_step: int | None = None
+    switch_lr: float | None = None
 
     @property
     def frozen(self) -> bool:
         return self.lr is None
+
+    def base_lr(self, step: int) -> float | None:
+        """The rate the multiplier curve scales at optimizer step ``step``."""
+        if self.switch_step is not None and step >= self.switch_step:
+            return self.switch_lr
+        return self.lr
 
 
 def group_schedules(recipe: Recipe, plan: Plan) -> list[GroupSchedule]:
@@ -177,15 +201,22 @@ def group_schedules(recipe: Recipe, plan: Plan) -> list[GroupSchedule]:
     late = {"llm": int(round(recipe.connector_only_fraction * plan.total_steps))}
     if recipe.updating != "full":
         late = {}
-    return [
+    schedules = [
         GroupSchedule(name, lrs[name], plan.total_steps if lrs[name] is None else late.get(name, 0))
         for name in GROUPS
     ]
+    if recipe.connector_lr_after_unfreeze is not None:
+        at = GROUPS.index("connector")
+        schedules[at] = replace(
+            schedules[at], switch_step=late["llm"], switch_lr=recipe.connector_lr_after_unfreeze
+        )
+    return schedules
 
 
 def describe(recipe: Recipe, schedules: list[GroupSchedule]) -> list[str]:
     """One log line per group: ``group llm: learns from step 48 (after 20% connector-only
-    warmup), lr 2e-5``, ``group vision: frozen``."""
+    warmup), lr 2e-5``, ``group connector: learns from step 0, lr 1e-3, lr 2e-5 from step 48
+    (LLM unfrozen)``, ``group vision: frozen``."""
     lines = []
     for group in schedules:
         if group.frozen:
@@ -194,9 +225,14 @@ def describe(recipe: Recipe, schedules: list[GroupSchedule]) -> list[str]:
         after = ""
         if group.start_step:
             after = f" (after {recipe.connector_only_fraction:.0%} connector-only warmup)"
+        switch = ""
+        if group.switch_step is not None:
+            switch = (
+                f", lr {_short_float(group.switch_lr)} from step {group.switch_step} (LLM unfrozen)"
+            )
         lines.append(
             f"group {group.name}: learns from step {group.start_step}{after}, "
-            f"lr {_short_float(group.lr)}"
+            f"lr {_short_float(group.lr)}{switch}"
         )
     return lines
 
@@ -237,3 +273,12 @@ def lr_factor(step: int, start: int, total: int, warmup_ratio: float) -> float:
         return (done + 1) / warmup
     progress = (done - warmup) / max(1, span - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def lr_multiplier(group: GroupSchedule, step: int, total: int, warmup_ratio: float) -> float:
+    """What the scheduler multiplies ``group.lr`` (the optimizer's base rate) by at ``step``.
+
+    The curve is ``lr_factor`` from the group's start; a switch of base rate scales it from
+    ``switch_step`` on, so the connector continues its cosine at the new rate (no new warmup).
+    """
+    return lr_factor(step, group.start_step, total, warmup_ratio) * group.base_lr(step) / group.lr
