@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "provenance",
         cmd_provenance,
-        "Every model's commit and every VQA TSV's md5, as fetched (results/tables/provenance.csv).",
+        "Every model's and training source's commit and every VQA TSV's md5 (provenance.csv).",
     )
     p.add_argument("--root", default=".", help="the folder the workflow runs in")
     p.add_argument("--out")
