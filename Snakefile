@@ -39,5 +39,6 @@ rule all:
         rules.all_ablations.input,
         rules.all_models.input,
         rules.figures.output,
+        rules.provenance.output,
         rules.all_manifests.input,
         rules.all_clip.input,

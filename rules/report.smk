@@ -1,5 +1,6 @@
-# Aggregation (paper Tables 1-4, §4.4), Section 3's model table, figures, and the HTML report.
-# Each job reads only its declared inputs: the file maps go to the stage as params.
+# Aggregation (paper Tables 1-4, §4.4), Section 3's model table, figures, the provenance table
+# and the HTML report. Each job reads only its declared inputs: file maps go to the stage as params.
+import fgvlm.provenance as fprov
 import fgvlm.report.aggregate as fra
 
 STUDY = fc.report_spec(config)
@@ -95,3 +96,25 @@ rule figures:
         row_encoders=fc.row_encoders(config),
     script:
         "../workflow/scripts/figures.py"
+
+
+rule provenance:
+    input:
+        **paths.provenance_inputs(config),
+    output:
+        report(
+            paths.PROVENANCE,
+            caption="../workflow/report/provenance.rst",
+            category="Tables",
+        ),
+    log:
+        "logs/aggregate/provenance.log",
+    conda:
+        "../envs/fgvlm.yaml"
+    threads: rule_threads("aggregate")
+    resources:
+        **rule_resources("aggregate"),
+    params:
+        spec=fc.canonical(fprov.provenance_spec(config)),
+    script:
+        "../workflow/scripts/provenance.py"

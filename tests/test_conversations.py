@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import tarfile
 import zipfile
 from pathlib import Path
@@ -38,6 +39,7 @@ from fgvlm.data.shards import (
     write_conversation_shards,
 )
 from fgvlm.data.synthetic import generate_world
+from fgvlm.hub_pins import is_commit
 
 
 def rank_size(shard_dir: Path, rank: int, world_size: int) -> int:
@@ -280,17 +282,67 @@ def test_synthetic_captions_and_instructions(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- downloads
-def _fake_hub(files: dict[str, bytes], calls: list):
-    """An hf_hub_download stand-in serving ``files`` (name -> bytes) into ``local_dir``."""
+def _fake_hub(files: dict[str, bytes], calls: list, branches: dict[str, str] | None = None):
+    """An hf_hub_download stand-in serving ``files`` (name -> bytes) into ``local_dir``; with
+    ``branches`` (branch -> commit) it writes huggingface_hub's per-file download metadata,
+    whose first line is the commit the revision pointed at."""
 
     def download(*, repo_id, filename, repo_type, revision, local_dir):
         calls.append((repo_id, filename, repo_type, revision))
         path = Path(local_dir) / filename
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(files[filename])
+        commit = revision if is_commit(revision) else (branches or {}).get(revision)
+        if commit:
+            meta = Path(local_dir) / ".cache" / "huggingface" / "download" / f"{filename}.metadata"
+            meta.parent.mkdir(parents=True, exist_ok=True)
+            meta.write_text(f"{commit}\netag\n0\n")
         return str(path)
 
     return download
+
+
+def test_training_data_branch_is_resolved_once_and_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first fetch asks for ``main`` and records its commit (lock beside the folder, the
+    commit and sha256 per file in fgvlm_source.json); a refetch asks for the commit even after
+    the branch moved; every file of a source comes from the first file's commit."""
+    names = [f"data/train-{i:05d}-of-00002.parquet" for i in range(2)]
+    files = {names[0]: b"a", names[1]: b"b"}
+    calls: list = []
+    branches = {"main": "1" * 40}
+    monkeypatch.setattr(conv, "hf_hub_download", _fake_hub(files, calls, branches))
+    source = {"type": "pixmo_cap", "repo": "allenai/pixmo-cap", "revision": "main", "files": names}
+    dest = tmp_path / "raw" / "pixmo"
+    download_training_data(source, dest)
+    assert [c[3] for c in calls] == ["main", "1" * 40]
+    assert json.loads((tmp_path / "raw" / "pixmo.lock.json").read_text()) == {
+        "allenai/pixmo-cap@main": "1" * 40
+    }
+    record = json.loads((dest / "fgvlm_source.json").read_text())
+    assert record == {
+        "repo": "allenai/pixmo-cap",
+        "revision": "main",
+        "sha": "1" * 40,
+        "files": {
+            names[0]: hashlib.sha256(b"a").hexdigest(),
+            names[1]: hashlib.sha256(b"b").hexdigest(),
+        },
+    }
+    calls.clear()
+    shutil.rmtree(dest)
+    branches["main"] = "2" * 40  # the branch moved on the hub meanwhile
+    download_training_data(source, dest)
+    assert [c[3] for c in calls] == ["1" * 40, "1" * 40]
+    assert json.loads((dest / "fgvlm_source.json").read_text())["sha"] == "1" * 40
+    # a sha in the config is used as is, and recorded
+    calls.clear()
+    download_training_data({**source, "revision": "3" * 40}, tmp_path / "raw" / "pinned")
+    assert [c[3] for c in calls] == ["3" * 40, "3" * 40]
+    assert json.loads((tmp_path / "raw" / "pinned.lock.json").read_text()) == {
+        f"allenai/pixmo-cap@{'3' * 40}": "3" * 40
+    }
 
 
 def test_download_training_data_pins_revision_and_checks_sha256(

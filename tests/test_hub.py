@@ -25,6 +25,7 @@ from transformers import (
 
 from fgvlm.evaluate.hub_runner import HubVLM, load_hub_vlm
 from fgvlm.evaluate.scoring import merge_parts, score, score_to_parts
+from fgvlm.hub_pins import is_commit
 from fgvlm.mcq import MCQItem
 from fgvlm.models import hub
 from fgvlm.models.hub import fetch_hub_vlm
@@ -364,7 +365,7 @@ def fake_snapshot_download(files: dict[str, bytes], record: list):
         # huggingface_hub's per-file metadata: first line the commit the branch pointed at
         meta = Path(local_dir) / ".cache" / "huggingface" / "download" / "config.json.metadata"
         meta.parent.mkdir(parents=True, exist_ok=True)
-        commit = revision if hub.is_commit(revision) else COMMITS.get(repo_id)
+        commit = revision if is_commit(revision) else COMMITS.get(repo_id)
         if commit:
             meta.write_text(f"{commit}\netag\n0\n")
         for name, data in files.items():

@@ -83,8 +83,15 @@ def test_paper_config_dry_run_lists_every_stage(tmp_path):
         aggregate_ablations=1,
         aggregate_models=1,
         figures=1,
+        provenance=1,  # every model's and data set's pin, read from the fetched folders
         all=1,
     )
+
+
+def test_demo_dry_run_lists_every_stage_with_the_provenance_table(tmp_path):
+    jobs = planned_jobs(tmp_path, "--configfile", str(demo_config(tmp_path)))
+    assert jobs["provenance"] == 1 and jobs["all"] == 1
+    assert jobs["aggregate_ablations"] == jobs["aggregate_models"] == jobs["figures"] == 1
 
 
 def test_all_ablations_needs_only_the_ablation_rows_and_table1s_models(tmp_path):
@@ -189,7 +196,7 @@ def test_report_gathers_every_figure_and_table_with_captions(demo_run):
     html = (demo_run / "report.html").read_text()
     figures = sorted(p.name for p in (demo_run / "results" / "figures").glob("*.svg"))
     assert len(figures) == 8
-    for name in [*figures, "ablations.csv", "effects.csv", "models.csv"]:
+    for name in [*figures, "ablations.csv", "effects.csv", "models.csv", "provenance.csv"]:
         assert name in html, name
     for caption in (ROOT / "workflow" / "report").glob("figure*.rst"):
         assert caption.read_text().split(":")[0] in html  # "Figure 2" ...

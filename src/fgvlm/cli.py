@@ -321,10 +321,10 @@ def cmd_figures(args: argparse.Namespace, cfg: dict) -> None:
 
 
 def cmd_provenance(args: argparse.Namespace, cfg: dict) -> None:
-    from fgvlm.provenance import write_provenance
+    from fgvlm.provenance import provenance_spec
 
-    out = args.out or f"{paths.TABLES}/provenance.csv"
-    rows = write_provenance(cfg, out, args.root)
+    out = args.out or paths.PROVENANCE
+    rows = stages.provenance(provenance_spec(cfg), out, root=args.root)
     print(f"{out}: {rows} sources")
 
 
@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "provenance",
         cmd_provenance,
-        "Every model's commit and every VQA TSV's md5, as fetched (results/tables/provenance.csv).",
+        "Every model's and training source's commit and every VQA TSV's md5 (provenance.csv).",
     )
     p.add_argument("--root", default=".", help="the folder the workflow runs in")
     p.add_argument("--out")

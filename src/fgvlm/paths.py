@@ -49,6 +49,7 @@ PARTS = "results/parts/{model}/{vlm_benchmark}"
 RESULTS = "results"
 TABLES = "results/tables"
 FIGURES = "results/figures"
+PROVENANCE = f"{TABLES}/provenance.csv"  # every model's and data set's pin
 FIGURE_NAMES = ("figure2", "figure3", "figure4", "figure5", "figure6", "figure7", "figure8")
 
 
@@ -208,6 +209,33 @@ def eval_vlm_inputs(config: dict, model: str, benchmark: str) -> dict[str, str]:
 
 def table(name: str) -> str:
     return f"{TABLES}/{name}"
+
+
+def provenance_inputs(config: dict) -> dict[str, list[str]]:
+    """What the provenance table reads, so that a refetch reruns it: the folders of hub-fetched
+    CLIP models, LLMs, base and hub VLMs, the VLMEvalKit TSVs, and the shards of the hub-hosted
+    training data a trained row uses (their job fetches the files into ``TRAIN_RAW``, where the
+    pins are kept; an unused source is not fetched for its row). Sources built locally (tiny,
+    synthetic) have nothing to read."""
+    used = {row[k] for row in study.trained_rows(config) for k in ("pt_data", "ft_data")}
+
+    def hub_sourced(section: str) -> list[str]:
+        return [n for n, e in config[section].items() if e["source"]["type"] == "hub"]
+
+    clips = [n for n, e in config["clip_models"].items() if e["source"]["type"] != "random_init"]
+    vqa = [n for n, e in config["vqa_benchmarks"].items() if e["source"]["type"] == "vlmeval_tsv"]
+    return {
+        "clip": [CLIP.format(clip=name) for name in clips],
+        "llm": [LLM.format(llm=name) for name in hub_sourced("llms")],
+        "base": [BASE_VLM.format(base=name) for name in hub_sourced("base_vlms")],
+        "hub": [HUB_VLM.format(hub=n) for n, vlm in config["hub_vlms"].items() if "repo" in vlm],
+        "tsv": [VQA_TSV.format(vqa=name) for name in vqa],
+        "train": [
+            TRAIN_SHARDS.format(data=n)
+            for n, data in config["train_data"].items()
+            if "repo" in data["source"] and n in used
+        ],
+    }
 
 
 def figure_inputs(config: dict) -> dict[str, str]:

@@ -1,10 +1,13 @@
 """Where every model and data set of a study came from: one row per source, its pin.
 
-Fetches record their pins as they download: hub folders (``fgvlm.models.hub``,
-``fgvlm.models.llm``) the commit a branch resolved to and each file's sha256
-(``fgvlm_source.json``); CLIP folders the hub commit and sha256 of their weights (``clip.json``);
-VLMEvalKit TSVs are checked against the md5 the config gives. ``provenance_table`` gathers
-them into one table (``fgvlm provenance`` writes it to ``results/tables/provenance.csv``).
+Fetches record their pins as they download (``fgvlm.hub_pins``): hub model folders
+(``fgvlm.models.hub``, ``fgvlm.models.llm``) and training-data folders
+(``fgvlm.data.conversations.download_training_data``) the commit a branch resolved to and each
+file's sha256 (``fgvlm_source.json``); CLIP folders the hub commit and sha256 of their weights
+(``clip.json``); VLMEvalKit TSVs are checked against the md5 the config gives. Sources built
+locally (the demo's tiny models, synthetic data) get a row saying so. ``provenance_table``
+gathers them into one table, which the ``provenance`` rule and ``fgvlm provenance`` write to
+``results/tables/provenance.csv`` (``fgvlm.stages.provenance``).
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from typing import Any
 import polars as pl
 
 from fgvlm import paths
+from fgvlm.hub_pins import SOURCE_FILE
 from fgvlm.io import atomic_path, read_json
 
 COLUMNS = ("kind", "name", "source", "revision", "pin", "status")
-SOURCE_FILE = "fgvlm_source.json"  # fgvlm.models.hub.SOURCE_FILE (models/ is not imported here)
+HUB_VLM_KEYS = ("repo", "revision", "tokenizer", "tiny")  # what a hub VLM's row depends on
 
 
 def _md5(path: Path) -> str:
@@ -43,6 +47,18 @@ def _hub_row(kind: str, name: str, source: dict, folder: Path) -> dict[str, Any]
         "revision": source.get("revision", "main"),
         "pin": sha or "",
         "status": status,
+    }
+
+
+def _local_row(kind: str, name: str, built_by: str) -> dict[str, Any]:
+    """A source built here (a tiny model, a synthetic data set): nothing fetched to pin."""
+    return {
+        "kind": kind,
+        "name": name,
+        "source": built_by,
+        "revision": "",
+        "pin": "",
+        "status": f"local ({built_by}), nothing fetched",
     }
 
 
@@ -77,39 +93,74 @@ def _tsv_row(name: str, source: dict, path: Path) -> dict[str, Any]:
     }
 
 
+def provenance_spec(config: dict) -> dict:
+    """The part of a study config the provenance table reads (sources only, labels left out),
+    in the config's own layout, so that a relabelled config does not rerun the table."""
+    sections = ("clip_models", "llms", "base_vlms", "vqa_benchmarks", "train_data")
+    spec = {
+        section: {name: {"source": entry["source"]} for name, entry in config[section].items()}
+        for section in sections
+    }
+    spec["hub_vlms"] = {
+        name: {key: vlm[key] for key in HUB_VLM_KEYS if key in vlm}
+        for name, vlm in config["hub_vlms"].items()
+    }
+    return spec
+
+
 def provenance_table(config: dict, root: str | os.PathLike = ".") -> pl.DataFrame:
-    """One row per hub model, CLIP model and VQA TSV of ``config``, read from the workflow's
-    folders under ``root``: (kind, name, source, revision asked for, pin, status)."""
+    """One row per CLIP model, LLM, base VLM, hub VLM (and separate tokenizer), VQA benchmark
+    and training-data source of ``config`` (a study config or its ``provenance_spec``), read
+    from the workflow's folders under ``root``: (kind, name, source, revision asked for, pin,
+    status)."""
     root = Path(root)
     rows = []
     for name, clip in config["clip_models"].items():
-        rows.append(_clip_row(name, clip["source"], root / paths.CLIP.format(clip=name)))
-    for name, llm in (config.get("llms") or {}).items():
+        if clip["source"]["type"] == "random_init":
+            rows.append(_local_row("clip", name, "random_init"))
+        else:
+            rows.append(_clip_row(name, clip["source"], root / paths.CLIP.format(clip=name)))
+    for name, llm in config["llms"].items():
         if llm["source"]["type"] == "hub":
             folder = root / paths.LLM.format(llm=name)
             rows.append(_hub_row("llm", name, llm["source"], folder))
-    for name, base in (config.get("base_vlms") or {}).items():
+        else:
+            rows.append(_local_row("llm", name, llm["source"]["type"]))
+    for name, base in config["base_vlms"].items():
         if base["source"]["type"] == "hub":
             folder = root / paths.BASE_VLM.format(base=name)
             rows.append(_hub_row("base_vlm", name, base["source"], folder))
-    for name, vlm in (config.get("hub_vlms") or {}).items():
-        if "repo" in vlm:
-            folder = root / paths.HUB_VLM.format(hub=name)
-            rows.append(_hub_row("hub_vlm", name, vlm, folder))
-            if "tokenizer" in vlm:
-                record = folder / SOURCE_FILE
-                tokenizer = read_json(record).get("tokenizer", {}) if record.is_file() else {}
-                rows.append(
-                    {
-                        **_hub_row("tokenizer", name, vlm["tokenizer"], Path("/nonexistent")),
-                        "pin": tokenizer.get("sha") or "",
-                        "status": "pinned" if tokenizer.get("sha") else "not fetched",
-                    }
-                )
-    for name, bench in (config.get("vqa_benchmarks") or {}).items():
+        else:
+            rows.append(_local_row("base_vlm", name, base["source"]["type"]))
+    for name, vlm in config["hub_vlms"].items():
+        if "repo" not in vlm:
+            rows.append(_local_row("hub_vlm", name, "tiny"))
+            continue
+        folder = root / paths.HUB_VLM.format(hub=name)
+        rows.append(_hub_row("hub_vlm", name, vlm, folder))
+        if "tokenizer" in vlm:
+            record = folder / SOURCE_FILE
+            tokenizer = read_json(record).get("tokenizer", {}) if record.is_file() else {}
+            rows.append(
+                {
+                    **_hub_row("tokenizer", name, vlm["tokenizer"], Path("/nonexistent")),
+                    "pin": tokenizer.get("sha") or "",
+                    "status": "pinned" if tokenizer.get("sha") else "not fetched",
+                }
+            )
+    for name, bench in config["vqa_benchmarks"].items():
         source = bench["source"]
-        if source.get("type") == "vlmeval_tsv":
+        if source["type"] == "vlmeval_tsv":
             rows.append(_tsv_row(name, source, root / paths.VQA_TSV.format(vqa=name)))
+        else:
+            rows.append(_local_row("vqa_benchmark", name, source["type"]))
+    for name, data in config["train_data"].items():
+        source = data["source"]
+        if "repo" in source:
+            folder = root / paths.TRAIN_RAW.format(data=name)
+            rows.append(_hub_row("train_data", name, source, folder))
+        else:
+            rows.append(_local_row("train_data", name, source["type"]))
     return pl.DataFrame(rows, schema={c: pl.String for c in COLUMNS})
 
 

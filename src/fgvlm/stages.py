@@ -307,6 +307,17 @@ def make_figures(inputs: dict, out_dir: str | Path, **options) -> list[Path]:
     return build(inputs, out_dir, **options)
 
 
+def provenance(spec: dict, out: str | Path, *, root: str | Path = ".") -> int:
+    """Every model's and data set's source with its pin (``provenance.provenance_table`` of
+    ``provenance.provenance_spec``), read from the fetched folders under ``root``; returns the
+    row count."""
+    from fgvlm.provenance import write_provenance
+
+    rows = write_provenance(spec, out, root)
+    log.info("%s: %d sources", out, rows)
+    return rows
+
+
 # --- training-data downloads --------------------------------------------------------------------
 
 

@@ -31,7 +31,6 @@ each by a job of its own):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections import Counter
@@ -44,6 +43,15 @@ from huggingface_hub import hf_hub_download
 
 from fgvlm.data.download import ChecksumError
 from fgvlm.data.fetch import TarMember, fetched_images, url_key
+from fgvlm.hub_pins import (
+    SOURCE_FILE,
+    downloaded_commit,
+    is_commit,
+    lock_key,
+    pinned_revision,
+    record_pins,
+    sha256,
+)
 from fgvlm.io import write_json
 
 log = logging.getLogger(__name__)
@@ -53,7 +61,6 @@ IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("human", "gpt")
 CAPTION_QUALITIES = ("short", "long")
 PIXMO_URL_COLUMN = "image_url"
-HASH_CHUNK = 1 << 20
 
 Sample = tuple[dict[str, Any], Path | TarMember | None]
 
@@ -395,17 +402,9 @@ def read_synthetic_instructions(world_dir: Path) -> Iterator[Sample]:
 
 
 # ---------------------------------------------------------------- downloads
-def _sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks (images.zip is ~27 GB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _hub_file(source: dict[str, Any], filename: str, dest: Path) -> Path:
-    """One file of a hub dataset at the pinned revision, sha256-checked when the config pins one."""
+    """One file of a hub dataset at ``source["revision"]``, sha256-checked when the config pins
+    one."""
     path = Path(
         hf_hub_download(
             repo_id=source["repo"],
@@ -417,14 +416,12 @@ def _hub_file(source: dict[str, Any], filename: str, dest: Path) -> Path:
     )
     expected = (source.get("sha256") or {}).get(filename)
     if expected is not None:
-        got = _sha256(path)
+        got = sha256(path)
         if got != expected:
             path.unlink(missing_ok=True)  # never leave an unverified file for the next run
             raise ChecksumError(
                 f"{path}: sha256 of {source['repo']}:{filename} is {got}, config pins {expected}"
             )
-    elif source.get("revision") in (None, "main"):
-        log.warning("%s:%s: neither a revision nor a sha256 pinned", source["repo"], filename)
     return path
 
 
@@ -434,16 +431,42 @@ def download_training_data(source: dict[str, Any], dest: Path) -> dict[str, Any]
     - llava_pretrain, llava_instruct: ``annotations`` -> {"annotations": path}
     - pixmo_cap: ``files`` -> {"parquet": [paths]}
     Files land at ``dest/<filename>`` through ``huggingface_hub.hf_hub_download``, which skips
-    files already there at the same revision; sha256-checked where ``sha256`` pins them. Images
-    come from the source's archives and URL lists. Synthetic sources have nothing to download.
+    files already there at the same revision; sha256-checked where ``sha256`` pins them. The
+    revision is pinned as ``fgvlm.hub_pins`` says (the lock ``<dest>.lock.json``): the first
+    file resolves a branch to its commit and the others are asked for at that commit.
+    ``dest/fgvlm_source.json`` records the commit and each file's sha256. Images come from the
+    source's archives and URL lists. Synthetic sources have nothing to download.
     """
     kind = source.get("type")
-    dest = Path(dest)
     if kind in ("llava_pretrain", "llava_instruct"):
-        return {"annotations": _hub_file(source, source["annotations"], dest)}
+        names = [source["annotations"]]
+    elif kind == "pixmo_cap":
+        names = list(source["files"])
+    else:
+        raise ValueError(f"training source type {kind!r} has nothing to download")
+    dest, repo, revision = Path(dest), source["repo"], source.get("revision") or "main"
+    asked = pinned_revision(repo, revision, dest)
+    files = []
+    for name in names:
+        files.append(_hub_file({**source, "revision": asked}, name, dest))
+        if not is_commit(asked):
+            asked = downloaded_commit(dest, [name]) or asked
+    commit = asked if is_commit(asked) else None
+    if commit is None:
+        log.warning("%s@%s: the commit it resolved to is unknown; not pinned", repo, revision)
+    write_json(
+        {
+            "repo": repo,
+            "revision": revision,
+            "sha": commit,
+            "files": {name: sha256(path) for name, path in zip(names, files, strict=True)},
+        },
+        dest / SOURCE_FILE,
+    )
+    record_pins(dest, {lock_key(repo, revision): commit})
     if kind == "pixmo_cap":
-        return {"parquet": [_hub_file(source, name, dest) for name in source["files"]]}
-    raise ValueError(f"training source type {kind!r} has nothing to download")
+        return {"parquet": files}
+    return {"annotations": files[0]}
 
 
 HUB_SOURCES = ("llava_pretrain", "pixmo_cap", "llava_instruct")

@@ -4,18 +4,14 @@
 local model folder (a fetched one, or ``fgvlm.models.tiny.materialize_tiny_hub_vlm``'s) into its
 model and processor. ``fgvlm.evaluate.hub_runner`` asks them questions.
 
-Pinning: a branch or tag (``main``) is resolved once, at the first fetch, to the commit the
-download came from. The commit goes into the folder's ``fgvlm_source.json`` (with each file's
-sha256) and into a lock file beside the folder (``<folder>.lock.json``), which outlives a
-refetch: a later fetch of the same repo and revision asks for the locked commit, not the branch.
-A revision given as a commit sha is used as is.
+Pinning (``fgvlm.hub_pins``): a branch or tag is resolved once, at the first fetch, to its
+commit, recorded in the folder's ``fgvlm_source.json`` (with each file's sha256) and in the lock
+beside the folder, which later fetches ask for; a revision given as a commit sha is used as is.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,7 +20,16 @@ import torch
 from huggingface_hub import snapshot_download
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
 
-from fgvlm.io import atomic_path, read_json, write_json
+from fgvlm.hub_pins import (
+    SOURCE_FILE,
+    downloaded_commit,
+    file_digests,
+    is_commit,
+    lock_key,
+    pinned_revision,
+    record_pins,
+)
+from fgvlm.io import atomic_path, write_json
 
 # what a model folder needs: configs, weights, tokenizer and processor files, chat templates
 HUB_PATTERNS = ("*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken")
@@ -32,71 +37,6 @@ HUB_PATTERNS = ("*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tik
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.msgpack", "*.h5")
 REMOTE_CODE_PATTERNS = ("*.py",)
 TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "*.model", "added_tokens.json")
-SOURCE_FILE = "fgvlm_source.json"
-LOCK_SUFFIX = ".lock.json"
-_COMMIT = re.compile(r"[0-9a-f]{40}")
-
-
-def is_commit(revision: str | None) -> bool:
-    """Whether ``revision`` is a full commit sha (used as is, never resolved)."""
-    return bool(revision) and _COMMIT.fullmatch(str(revision)) is not None
-
-
-def lock_path(out_dir: str | os.PathLike) -> Path:
-    """The lock file of a fetched folder: ``<folder>.lock.json`` beside it."""
-    out_dir = Path(out_dir)
-    return out_dir.with_name(out_dir.name + LOCK_SUFFIX)
-
-
-def lock_key(repo: str, revision: str | None) -> str:
-    return f"{repo}@{revision or 'main'}"
-
-
-def pinned_revision(repo: str, revision: str | None, out_dir: str | os.PathLike) -> str:
-    """The revision to ask the hub for: a commit as is, else the commit locked beside
-    ``out_dir`` for (repo, revision), else ``revision`` itself (first fetch)."""
-    revision = revision or "main"
-    if is_commit(revision):
-        return revision
-    lock = lock_path(out_dir)
-    locked = read_json(lock).get(lock_key(repo, revision)) if lock.is_file() else None
-    return locked or revision
-
-
-def record_pins(out_dir: str | os.PathLike, pins: dict[str, str | None]) -> None:
-    """Add {"repo@revision": commit} entries to the lock beside ``out_dir`` (unknown commits
-    are skipped)."""
-    lock = lock_path(out_dir)
-    entries = read_json(lock) if lock.is_file() else {}
-    entries.update({key: sha for key, sha in pins.items() if sha})
-    write_json(entries, lock)
-
-
-def downloaded_commit(local_dir: Path) -> str | None:
-    """The commit a ``snapshot_download(local_dir=...)`` came from, read from huggingface_hub's
-    per-file download metadata (first line: the commit hash); None when it holds none."""
-    commits = set()
-    for meta in (Path(local_dir) / ".cache" / "huggingface" / "download").rglob("*.metadata"):
-        first = meta.read_text().split("\n", 1)[0].strip()
-        if is_commit(first):
-            commits.add(first)
-    if len(commits) > 1:
-        raise ValueError(f"{local_dir}: files from several commits {sorted(commits)}")
-    return commits.pop() if commits else None
-
-
-def file_digests(folder: Path, *, skip: tuple[str, ...] = ()) -> dict[str, str]:
-    """sha256 of every file under ``folder`` (relative posix path -> hex), ``skip`` names
-    excluded."""
-    digests = {}
-    for path in sorted(Path(folder).rglob("*")):
-        if path.is_file() and path.name not in skip:
-            digest = hashlib.sha256()
-            with path.open("rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
-            digests[path.relative_to(folder).as_posix()] = digest.hexdigest()
-    return digests
 
 
 def pinned_snapshot(

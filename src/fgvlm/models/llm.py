@@ -10,14 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fgvlm.hub_pins import SOURCE_FILE, file_digests, lock_key, record_pins
 from fgvlm.io import atomic_path, write_json
-from fgvlm.models.hub import (
-    SOURCE_FILE,
-    file_digests,
-    lock_key,
-    pinned_snapshot,
-    record_pins,
-)
+from fgvlm.models.hub import pinned_snapshot
 
 # what a model repo may contribute: configs, safetensors weights, tokenizer files; never pickles
 LLM_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
