@@ -9,13 +9,12 @@ source, commit and files' sha256 in ``fgvlm_source.json`` (read by ``fgvlm.prove
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from fgvlm.io import read_json, write_json
+from fgvlm.io import file_digest, read_json, write_json
 
 SOURCE_FILE = "fgvlm_source.json"
 LOCK_SUFFIX = ".lock.json"
@@ -76,20 +75,11 @@ def downloaded_commit(local_dir: Path, files: Iterable[str] | None = None) -> st
     return commits.pop() if commits else None
 
 
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks (an image archive can be tens of GB)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def file_digests(folder: Path, *, skip: tuple[str, ...] = ()) -> dict[str, str]:
     """sha256 of every file under ``folder`` (relative posix path -> hex), ``skip`` names
     excluded."""
     return {
-        path.relative_to(folder).as_posix(): sha256(path)
+        path.relative_to(folder).as_posix(): file_digest(path)
         for path in sorted(Path(folder).rglob("*"))
         if path.is_file() and path.name not in skip
     }

@@ -6,6 +6,7 @@ Every writer here writes to a temporary sibling and renames it into place.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -64,6 +65,12 @@ def write_parquet(
     """
     with atomic_path(path) as tmp:
         frame.write_parquet(tmp, compression="zstd", statistics=True, metadata=metadata)
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in chunks (an image archive can be tens of GB)."""
+    with open(path, "rb") as stream:
+        return hashlib.file_digest(stream, algorithm).hexdigest()
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -12,7 +12,6 @@ gathers them into one table, which the ``provenance`` rule and ``fgvlm provenanc
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -21,18 +20,10 @@ import polars as pl
 
 from fgvlm import paths
 from fgvlm.hub_pins import SOURCE_FILE
-from fgvlm.io import atomic_path, read_json
+from fgvlm.io import atomic_path, file_digest, read_json
 
 COLUMNS = ("kind", "name", "source", "revision", "pin", "status")
 HUB_VLM_KEYS = ("repo", "revision", "tokenizer", "tiny")  # what a hub VLM's row depends on
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _hub_row(kind: str, name: str, source: dict, folder: Path) -> dict[str, Any]:
@@ -40,6 +31,10 @@ def _hub_row(kind: str, name: str, source: dict, folder: Path) -> dict[str, Any]
     record = folder / SOURCE_FILE
     sha = read_json(record).get("sha") if record.is_file() else None
     status = "pinned" if sha else ("fetched, commit unknown" if record.is_file() else "not fetched")
+    return _repo_row(kind, name, source, sha, status)
+
+
+def _repo_row(kind: str, name: str, source: dict, sha: str | None, status: str) -> dict[str, Any]:
     return {
         "kind": kind,
         "name": name,
@@ -81,7 +76,7 @@ def _tsv_row(name: str, source: dict, path: Path) -> dict[str, Any]:
     if not path.is_file():
         status, pin = "not fetched", ""
     else:
-        pin = _md5(path)
+        pin = file_digest(path, "md5")
         status = "md5 ok" if pin == expected else ("md5 MISMATCH" if expected else "no md5 given")
     return {
         "kind": "vqa_tsv",
@@ -120,18 +115,18 @@ def provenance_table(config: dict, root: str | os.PathLike = ".") -> pl.DataFram
             rows.append(_local_row("clip", name, "random_init"))
         else:
             rows.append(_clip_row(name, clip["source"], root / paths.CLIP.format(clip=name)))
-    for name, llm in config["llms"].items():
-        if llm["source"]["type"] == "hub":
-            folder = root / paths.LLM.format(llm=name)
-            rows.append(_hub_row("llm", name, llm["source"], folder))
-        else:
-            rows.append(_local_row("llm", name, llm["source"]["type"]))
-    for name, base in config["base_vlms"].items():
-        if base["source"]["type"] == "hub":
-            folder = root / paths.BASE_VLM.format(base=name)
-            rows.append(_hub_row("base_vlm", name, base["source"], folder))
-        else:
-            rows.append(_local_row("base_vlm", name, base["source"]["type"]))
+    # (config section, row kind, the folder a hub source is fetched into)
+    fetched = (
+        ("llms", "llm", lambda name: paths.LLM.format(llm=name)),
+        ("base_vlms", "base_vlm", lambda name: paths.BASE_VLM.format(base=name)),
+    )
+    for section, kind, folder_of in fetched:
+        for name, entry in config[section].items():
+            source = entry["source"]
+            if source["type"] == "hub":
+                rows.append(_hub_row(kind, name, source, root / folder_of(name)))
+            else:
+                rows.append(_local_row(kind, name, source["type"]))
     for name, vlm in config["hub_vlms"].items():
         if "repo" not in vlm:
             rows.append(_local_row("hub_vlm", name, "tiny"))
@@ -141,13 +136,9 @@ def provenance_table(config: dict, root: str | os.PathLike = ".") -> pl.DataFram
         if "tokenizer" in vlm:
             record = folder / SOURCE_FILE
             tokenizer = read_json(record).get("tokenizer", {}) if record.is_file() else {}
-            rows.append(
-                {
-                    **_hub_row("tokenizer", name, vlm["tokenizer"], Path("/nonexistent")),
-                    "pin": tokenizer.get("sha") or "",
-                    "status": "pinned" if tokenizer.get("sha") else "not fetched",
-                }
-            )
+            sha = tokenizer.get("sha")
+            status = "pinned" if sha else "not fetched"
+            rows.append(_repo_row("tokenizer", name, vlm["tokenizer"], sha, status))
     for name, bench in config["vqa_benchmarks"].items():
         source = bench["source"]
         if source["type"] == "vlmeval_tsv":

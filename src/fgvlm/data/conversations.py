@@ -50,9 +50,8 @@ from fgvlm.hub_pins import (
     lock_key,
     pinned_revision,
     record_pins,
-    sha256,
 )
-from fgvlm.io import write_json
+from fgvlm.io import file_digest, write_json
 
 log = logging.getLogger(__name__)
 
@@ -416,7 +415,7 @@ def _hub_file(source: dict[str, Any], filename: str, dest: Path) -> Path:
     )
     expected = (source.get("sha256") or {}).get(filename)
     if expected is not None:
-        got = sha256(path)
+        got = file_digest(path)
         if got != expected:
             path.unlink(missing_ok=True)  # never leave an unverified file for the next run
             raise ChecksumError(
@@ -459,7 +458,7 @@ def download_training_data(source: dict[str, Any], dest: Path) -> dict[str, Any]
             "repo": repo,
             "revision": revision,
             "sha": commit,
-            "files": {name: sha256(path) for name, path in zip(names, files, strict=True)},
+            "files": {name: file_digest(path) for name, path in zip(names, files, strict=True)},
         },
         dest / SOURCE_FILE,
     )

@@ -15,7 +15,6 @@ reads both through the same open_clip call.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import json
 import os
@@ -37,7 +36,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from fgvlm.io import atomic_path, read_json, write_json
+from fgvlm.io import atomic_path, file_digest, read_json, write_json
 
 WEIGHTS_FILE = "open_clip_model.safetensors"
 CONFIG_FILE = "clip.json"
@@ -185,14 +184,6 @@ def _download_weights(repo_id: str, candidates: list[str], revision: str | None)
     raise FileNotFoundError(f"none of {candidates} found in hub repo {repo_id!r} ({revision=})")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch_pretrained_clip(arch: str, tag: str, out_dir: Path, revision: str | None = None) -> None:
     """Download open_clip weights ``arch``/``tag`` from the Hugging Face hub into a weights dir.
 
@@ -212,7 +203,7 @@ def fetch_pretrained_clip(arch: str, tag: str, out_dir: Path, revision: str | No
         "sha": commit
         if len(commit) == 40 and all(c in "0123456789abcdef" for c in commit)
         else None,
-        "sha256": _sha256(source),
+        "sha256": file_digest(source),
     }
     entry = {
         "arch": arch,

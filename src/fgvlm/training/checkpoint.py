@@ -27,7 +27,6 @@ a hashed copy in the state folder, from which ``reemit_final`` restores a lost o
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
@@ -410,14 +409,12 @@ def _listing(directory: Path, skip: tuple[str, ...] = (MANIFEST,)) -> list[str]:
     return sorted(n for n in names if n not in skip and not n.startswith(_MANIFEST_PART))
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as stream:
-        return hashlib.file_digest(stream, "sha256").hexdigest()
-
-
 def _digests(directory: Path, names: list[str]) -> dict[str, dict]:
     return {
-        name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+        name: {
+            "bytes": (directory / name).stat().st_size,
+            "sha256": io.file_digest(directory / name),
+        }
         for name in names
     }
 
@@ -439,7 +436,7 @@ def _check_files(
         if extra:
             return f"{extra[0]} is not in the manifest"
         for name in sorted(files)[rank::world]:
-            if _sha256(directory / name) != files[name]["sha256"]:
+            if io.file_digest(directory / name) != files[name]["sha256"]:
                 return f"{name} does not match its sha256"
     except (OSError, KeyError, TypeError) as err:
         return f"unreadable ({err})"
