@@ -69,8 +69,11 @@ def write_parquet(
 
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
     """Hex digest of a file's bytes, read in chunks (an image archive can be tens of GB)."""
-    with open(path, "rb") as stream:
-        return hashlib.file_digest(stream, algorithm).hexdigest()
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as stream:  # hashlib.file_digest needs Python 3.11; we support 3.10
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_json(path: str | os.PathLike) -> Any:
